@@ -1,0 +1,59 @@
+"""The one place that turns exceptions into a message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from vlmduo.errors import VlmduoError
+
+EXIT_INTERRUPTED = 130
+
+
+def debug_enabled() -> bool:
+    """True when the user asked for tracebacks (``--debug`` or ``VLMDUO_DEBUG=1``)."""
+    return os.environ.get("VLMDUO_DEBUG", "") not in ("", "0", "false")
+
+
+def report(exc: BaseException, console: Console | None = None) -> int:
+    """Print one line for ``exc`` on stderr and return the exit code it maps to."""
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    if debug_enabled() and not isinstance(exc, KeyboardInterrupt):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt | typer.Abort):
+        console.print("[red]Interrupted.[/]")
+        return EXIT_INTERRUPTED
+    if isinstance(exc, VlmduoError):
+        console.print(f"[bold red]Error:[/] {escape(exc.message)}")
+        if exc.hint:
+            console.print(f"[dim]Hint: {escape(exc.hint)}[/]")
+        return exc.exit_code
+    console.print(f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(str(exc))}")
+    console.print("[dim]Hint: run again with VLMDUO_DEBUG=1 for the traceback, and report it.[/]")
+    return 1
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def boundary(func: F) -> F:
+    """Wrap a command so every failure becomes one line and the right exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, SystemExit):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+            raise typer.Exit(report(exc)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""One exception hierarchy for every failure a user can cause or meet.
+
+Core modules raise these; the CLI turns each into one ``Error: ...`` line on
+stderr and the exit code below. Wrap lower-level exceptions with
+``raise SomeError(...) from exc`` so ``--debug`` still shows the cause.
+"""
+
+from __future__ import annotations
+
+
+class VlmduoError(Exception):
+    """A failure explained in one line, with an optional hint for the next step."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(VlmduoError):
+    """The command line asked for something impossible (bad option combination)."""
+
+    exit_code = 2
+
+
+class ModelError(VlmduoError):
+    """A model or projector file is missing, not GGUF, truncated or unusable."""
+
+
+class ProjectorMismatchError(ModelError):
+    """The mmproj projects to a width the language model does not have."""
+
+
+class UnknownModelError(ModelError):
+    """A name that is neither in the registry nor a path to a .gguf file."""
+
+
+class RegistryError(VlmduoError):
+    """A models.toml entry is malformed."""
+
+
+class ImageError(VlmduoError):
+    """The image is missing, unreadable, not an image, too large or unreachable."""
+
+
+class ContextOverflowError(VlmduoError):
+    """Prompt plus image (plus generation) does not fit the context window."""
+
+
+class EngineError(VlmduoError):
+    """llama.cpp reported a failure (non-zero return code)."""
+
+
+class DownloadError(VlmduoError):
+    """A download from the Hugging Face Hub failed."""
+
+
+class OfflineError(DownloadError):
+    """Offline mode is on and the files are not in the cache."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file's sha256 differs from the registry's pin."""
+
+
+class DiskSpaceError(DownloadError):
+    """Not enough free disk space for a download."""
+
+
+class DatasetError(VlmduoError):
+    """An evaluation dataset cannot be read."""
