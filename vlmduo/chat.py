@@ -1,0 +1,79 @@
+"""Render a prompt with the chat template that ships inside the GGUF.
+
+The image is passed as libmtmd's media marker inside the user's text. libmtmd
+wraps it in the model's own image tokens (``<|vision_start|>`` for Qwen,
+``<start_of_image>`` for Gemma, ...), so string content works for every family,
+including templates that only accept strings (SmolLM2's ChatML). Templates that
+only accept a list of content parts get the same text as one text part.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from vlmduo.errors import ModelError
+
+# Used when a GGUF has no template at all (old conversions).
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ 'ASSISTANT: ' + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def _environment() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def render(
+    template: str | None,
+    user_text: str,
+    *,
+    system: str | None = None,
+    bos_token: str = "",
+    eos_token: str = "",
+    enable_thinking: bool | None = None,
+) -> str:
+    """The prompt text up to and including the assistant's turn opening."""
+    env = _environment()
+    try:
+        compiled = env.from_string(template or FALLBACK_TEMPLATE)
+    except Exception as exc:
+        raise ModelError(f"the model's chat template does not parse: {exc}") from exc
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    last_error: Exception | None = None
+    for as_parts in (False, True):
+        messages = _messages(user_text, system, as_parts)
+        try:
+            return compiled.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=bos_token,
+                eos_token=eos_token,
+                **extra,
+            )
+        except Exception as exc:  # a template may reject one content shape
+            last_error = exc
+    raise ModelError(f"the model's chat template failed to render: {last_error}")
+
+
+def _messages(user_text: str, system: str | None, as_parts: bool) -> list[dict[str, Any]]:
+    content: Any = [{"type": "text", "text": user_text}] if as_parts else user_text
+    messages: list[dict[str, Any]] = []
+    if system:
+        sys_content: Any = [{"type": "text", "text": system}] if as_parts else system
+        messages.append({"role": "system", "content": sys_content})
+    messages.append({"role": "user", "content": content})
+    return messages

@@ -1,0 +1,340 @@
+"""Image input: a path, an http(s) URL or ``-`` (stdin) becomes packed RGB888 pixels.
+
+The engine hands the pixels to libmtmd's ``mtmd_bitmap_init``, which takes exactly
+``width * height * 3`` bytes, row-major. Everything that can go wrong on the way
+(missing file, not an image, truncated data, a decompression bomb, a failed
+download) becomes one :class:`~vlmduo.errors.ImageError` line that names the source.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import re
+import stat
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmduo import __version__
+from vlmduo.errors import ImageError
+
+STDIN = "-"
+USER_AGENT = f"vlmduo/{__version__} (python-urllib)"
+_CHUNK = 64 * 1024
+# "scheme://" marks a URL; a bare "C:/x.png" or "cat.png" is a path.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+_HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+# What Pillow raises on broken data varies by plugin; these are the ones it uses.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """Decoded pixels ready for the vision encoder, plus where they came from."""
+
+    rgb: bytes = field(repr=False)  # packed RGB888, row-major, width*height*3 bytes
+    width: int
+    height: int
+    source: str  # what the user passed ("-" for stdin)
+    decode_ms: float  # fetch/read + decode + EXIF transpose + RGB conversion
+
+
+def load_image(
+    source: str,
+    *,
+    stdin: BinaryIO | None = None,
+    timeout: float = 20.0,
+    max_bytes: int = 50 * 2**20,
+    max_pixels: int = 64_000_000,
+) -> LoadedImage:
+    """Read, decode and convert the image named by ``source`` to packed RGB888.
+
+    ``source`` is a file path, an ``http://``/``https://`` URL, or ``"-"`` to read
+    ``stdin`` (default: the process's binary stdin). ``timeout`` bounds each network
+    operation and the whole download; ``max_bytes`` caps downloads and stdin;
+    ``max_pixels`` caps width*height before any pixel is decoded (Pillow's own
+    decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``, still applies on top).
+    EXIF orientation is applied, animated images give their first frame and
+    transparency is composited on white. Raises :class:`ImageError` on any failure.
+    """
+    start = time.perf_counter()
+    name = _display_name(source)
+    fp: Path | BinaryIO
+    if source == STDIN:
+        fp = io.BytesIO(_read_stdin(stdin, max_bytes))
+    elif _URL_RE.match(source):
+        fp = io.BytesIO(_fetch_url(source, timeout=timeout, max_bytes=max_bytes))
+    else:
+        fp = _check_path(source, name)
+    width, height, rgb = _decode(fp, name, max_pixels)
+    return LoadedImage(
+        rgb=rgb,
+        width=width,
+        height=height,
+        source=source,
+        decode_ms=(time.perf_counter() - start) * 1000.0,
+    )
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> LoadedImage:
+    """A deterministic test image: red/green gradients with seeded noise in blue.
+
+    The same ``(width, height, seed)`` always gives the same bytes, so tests,
+    ``vlmduo doctor`` and benchmarks need no file on disk.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"synthetic image size must be positive, got {width}x{height}")
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, width, dtype=np.float32).astype(np.uint8)[None, :]
+    pixels[..., 1] = np.linspace(0, 255, height, dtype=np.float32).astype(np.uint8)[:, None]
+    pixels[..., 2] = rng.integers(0, 256, size=(height, width), dtype=np.uint8)
+    return LoadedImage(
+        rgb=pixels.tobytes(),
+        width=width,
+        height=height,
+        source=f"synthetic:{width}x{height}:seed={seed}",
+        decode_ms=(time.perf_counter() - start) * 1000.0,
+    )
+
+
+def _display_name(source: str) -> str:
+    """How a source appears in messages: stdin by name, long strings shortened."""
+    if source == STDIN:
+        return "stdin"
+    return source if len(source) <= 200 else source[:197] + "..."
+
+
+def _one_line(text: object) -> str:
+    """Collapse a lower-level reason to one line: the CLI prints exactly one."""
+    return " ".join(str(text).split())
+
+
+def _human_size(n: int) -> str:
+    """50 MiB for the default cap; small caps (tests, embedded use) in KiB or bytes."""
+    if n >= 2**20:
+        return f"{n / 2**20:g} MiB"
+    return f"{n / 2**10:g} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def _megapixels(n: float) -> str:
+    return f"{n / 1e6:.3g} MP"
+
+
+def _check_path(source: str, name: str) -> Path:
+    """Stat the path first so the common mistakes get a specific message."""
+    path = Path(source).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise ImageError(f"image not found: {name}") from exc
+    except PermissionError as exc:
+        raise ImageError(f"permission denied reading image: {name}") from exc
+    except OSError as exc:
+        raise ImageError(f"cannot read image {name}: {_one_line(exc.strerror or exc)}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"is a directory, not an image: {name}")
+    # Only regular files: a FIFO such as <(curl ...) reports size 0 but has data.
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise ImageError(f"image file is empty: {name}")
+    return path
+
+
+def _read_stdin(stdin: BinaryIO | None, max_bytes: int) -> bytes:
+    """Read all of stdin, refusing a terminal (it would wait forever) and oversize input."""
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        raise ImageError("stdin is a terminal: pipe an image into 'vlmduo ask - ...'")
+    try:
+        data = stream.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read image from stdin: {_one_line(exc)}") from exc
+    if not data:
+        raise ImageError("empty stdin: pipe an image into 'vlmduo ask - ...'")
+    if len(data) > max_bytes:
+        raise ImageError(f"image on stdin exceeds {_human_size(max_bytes)}")
+    return data
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s); urllib alone would also follow ftp://."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: BinaryIO,
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch_url(url: str, *, timeout: float, max_bytes: int) -> bytes:
+    """Download ``url`` into memory, enforcing the size cap and a total deadline."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ImageError(f"unsupported URL scheme '{scheme}' (only http and https): {url}")
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*, */*;q=0.5"})
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return _read_body(response, url, timeout=timeout, max_bytes=max_bytes)
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} {_one_line(exc.reason)}".rstrip()
+        raise ImageError(f"could not fetch {url}: {reason}") from exc
+    except urllib.error.URLError as exc:
+        raise ImageError(f"could not fetch {url}: {_fetch_reason(exc.reason, timeout)}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise ImageError(f"could not fetch {url}: {_fetch_reason(exc, timeout)}") from exc
+
+
+def _read_body(response: http.client.HTTPResponse, url: str, *, timeout: float, max_bytes: int) -> bytes:
+    """Stream the body, checking Content-Length up front and the real byte count as it comes."""
+    too_large = f"image download exceeds {_human_size(max_bytes)}: {url}"
+    length = response.headers.get("Content-Length", "").strip()
+    if length.isdigit() and int(length) > max_bytes:
+        raise ImageError(too_large)
+    # The socket timeout is per read; a server dripping bytes would never trip it.
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        # read1 returns after one recv, so the deadline is checked between drips.
+        chunk = response.read1(_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageError(too_large)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise ImageError(f"could not fetch {url}: timed out after {timeout:g} s")
+    if total == 0:
+        raise ImageError(f"could not fetch {url}: the server sent an empty body")
+    return b"".join(chunks)
+
+
+def _fetch_reason(reason: object, timeout: float) -> str:
+    """A short reason for a failed download; timeouts say how long we waited."""
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(reason, OSError) and reason.strerror:
+        return _one_line(reason.strerror)
+    text = _one_line(reason)
+    return text or type(reason).__name__
+
+
+def _decode(fp: Path | BinaryIO, name: str, max_pixels: int) -> tuple[int, int, bytes]:
+    """Open, bound, decode, orient and convert; map every Pillow failure to one line."""
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make it an error here.
+    # catch_warnings restores the filters on exit, so other code is unaffected.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp) as img:
+                _check_size(img.size, name, max_pixels)
+                img.load()  # first frame only for animated images: Image.open sits on it
+                rgb = _to_rgb(_oriented(img), name)
+                return rgb.width, rgb.height, rgb.tobytes()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(_bomb_message(str(exc), name, max_pixels)) from exc
+        except FileNotFoundError as exc:
+            raise ImageError(f"image not found: {name}") from exc
+        except IsADirectoryError as exc:
+            raise ImageError(f"is a directory, not an image: {name}") from exc
+        except PermissionError as exc:
+            raise ImageError(f"permission denied reading image: {name}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageError(f"not an image (or a format Pillow cannot read): {name}") from exc
+        except MemoryError as exc:
+            raise ImageError(f"not enough memory to decode image: {name}") from exc
+        except _DECODE_ERRORS as exc:
+            detail = _one_line(exc)
+            suffix = f" ({detail})" if detail else ""
+            raise ImageError(f"image is truncated or corrupt: {name}{suffix}") from exc
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    """Refuse absurd sizes from the header alone, before any pixel is decoded."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height}): {name}")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} pixels (limit {_megapixels(max_pixels)}): {name}"
+        )
+
+
+def _bomb_message(pillow_message: str, name: str, max_pixels: int) -> str:
+    """Pillow tripped first, so only its pixel count is known, not width and height."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    limit = _megapixels(min(max_pixels, pillow_limit))
+    match = re.search(r"\((\d+) pixels\)", pillow_message)
+    size = f"{_megapixels(int(match.group(1)))}" if match else "above the decompression-bomb limit"
+    return f"image too large: {size} (limit {limit}): {name}"
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation so the model sees the photo the way people do."""
+    try:
+        # In place: the default returns a full copy even when there is nothing to do.
+        ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
+        # A malformed EXIF block must not cost the user the image: keep it unrotated.
+        pass
+    return img
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = _to_8bit_grey(img)
+    # Palette and colour-keyed (tRNS) images carry transparency in img.info.
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    try:
+        if img.mode in _ALPHA_MODES:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(f"unsupported colour mode {img.mode}: {name}") from exc
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit integer and float greyscale to 8 bits.
+
+    ``convert("L")`` would clip 16-bit values at 255 and turn most of the image white.
+    """
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = arr / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1.0:
+        scaled = arr * 255.0
+    elif hi > lo:
+        scaled = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))

@@ -1,0 +1,60 @@
+"""Keep llama.cpp's log lines off the terminal unless the user asks for them.
+
+llama.cpp, ggml and libmtmd log through callbacks. We install one that keeps
+the last lines in memory, so a failure can quote llama.cpp's own reason in one
+line, and forwards them to stderr only in verbose mode.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import sys
+import threading
+
+_lock = threading.Lock()
+_recent: collections.deque[str] = collections.deque(maxlen=200)
+_state = {"verbose": False, "installed": False}
+_callback_ref: list[object] = []  # ctypes callbacks must outlive their registration
+
+
+def _on_log(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
+    if not text:
+        return
+    line = text.decode("utf-8", errors="replace")
+    with _lock:
+        _recent.append(line)
+    if _state["verbose"]:
+        sys.stderr.write(line)
+
+
+def install(verbose: bool = False) -> None:
+    """Route llama.cpp, ggml and libmtmd logs through us (idempotent)."""
+    _state["verbose"] = verbose
+    if _state["installed"]:
+        return
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    callback = llama_cpp.llama_log_callback(_on_log)
+    _callback_ref.append(callback)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
+    _state["installed"] = True
+
+
+def last_error(default: str = "") -> str:
+    """The most recent llama.cpp line that looks like an error, stripped."""
+    with _lock:
+        lines = list(_recent)
+    for line in reversed(lines):
+        low = line.lower()
+        if "error" in low or "failed" in low or "unable" in low or "mismatch" in low:
+            return " ".join(line.split())
+    return default
+
+
+def recent_lines(n: int = 20) -> list[str]:
+    """The last ``n`` log lines (for --verbose diagnostics and doctor)."""
+    with _lock:
+        return list(_recent)[-n:]
