@@ -174,6 +174,12 @@ class VisionLanguageModel:
             raise ModelError(f"{self.mmproj_path.name} has no vision encoder")
         self.marker = mtmd.mtmd_default_marker().decode()
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for decode and prefill from now on (two models at once share the cores)."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     @property
     def has_vision(self) -> bool:
         """True when a projector is loaded (image questions possible)."""

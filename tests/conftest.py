@@ -1,0 +1,103 @@
+"""Shared fixtures: synthetic GGUF VLMs built once per test run, loaded through llama.cpp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vlmduo.synthetic import SyntheticSpec, build
+
+SMALL = SyntheticSpec(n_vocab=512, n_embd=128, n_layer=2, n_ff=256, n_head=4, n_head_kv=2, seed=1)
+# Several times the small model's cost per token, as the duo pipeline assumes.
+LARGE = SyntheticSpec(n_vocab=512, n_embd=512, n_layer=4, n_ff=1024, n_head=8, n_head_kv=4, seed=2)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    spec: SyntheticSpec
+    model: Path
+    mmproj: Path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def small_files(model_dir: Path) -> BuiltModel:
+    build(SMALL, model_dir / "small.gguf", model_dir / "small-mmproj.gguf", name="test-small")
+    return BuiltModel(SMALL, model_dir / "small.gguf", model_dir / "small-mmproj.gguf")
+
+
+@pytest.fixture(scope="session")
+def large_files(model_dir: Path) -> BuiltModel:
+    build(LARGE, model_dir / "large.gguf", model_dir / "large-mmproj.gguf", name="test-large")
+    return BuiltModel(LARGE, model_dir / "large.gguf", model_dir / "large-mmproj.gguf")
+
+
+@pytest.fixture(scope="session")
+def small_model(small_files: BuiltModel):
+    from vlmduo.engine import EngineSettings, VisionLanguageModel
+
+    return VisionLanguageModel(
+        small_files.model, small_files.mmproj, EngineSettings(n_ctx=4096), name="test-small"
+    )
+
+
+@pytest.fixture(scope="session")
+def large_model(large_files: BuiltModel):
+    from vlmduo.engine import EngineSettings, VisionLanguageModel
+
+    return VisionLanguageModel(
+        large_files.model, large_files.mmproj, EngineSettings(n_ctx=4096), name="test-large"
+    )
+
+
+@pytest.fixture
+def image():
+    from vlmduo.images import synthetic_image
+
+    return synthetic_image(96, 72, seed=3)
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    from vlmduo.images import synthetic_image
+
+    img = synthetic_image(96, 72, seed=3)
+    path = tmp_path / "photo.png"
+    Image.frombytes("RGB", (img.width, img.height), img.rgb).save(path)
+    return path
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: own config, caches, and no network."""
+    env = dict(os.environ)
+    env.update(
+        VLMDUO_HOME=str(tmp_path / "home"),
+        VLMDUO_CACHE=str(tmp_path / "cache"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+        NO_COLOR="1",
+        COLUMNS="120",
+    )
+    env.pop("VLMDUO_DEBUG", None)
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], stdin: bytes | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``python -m vlmduo ARGS`` the way a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "vlmduo", *args], input=stdin, env=env, capture_output=True, timeout=timeout
+    )

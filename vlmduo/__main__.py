@@ -1,0 +1,5 @@
+"""``python -m vlmduo`` runs the CLI."""
+
+from vlmduo.cli.app import main
+
+main()

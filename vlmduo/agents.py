@@ -1,0 +1,297 @@
+"""The two agent roles: one that reasons then answers, one that answers short.
+
+Both run on a ``VisionLanguageModel`` and report per-stage timings and token
+counts. The short-answer agent keeps its session and the position of its cached
+image+question prefix, so the duo pipeline can insert transferred reasoning
+there without re-encoding the image or re-prefilling the question.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmduo import answers, grammars
+from vlmduo.engine import Generation, Session, VisionLanguageModel
+from vlmduo.images import LoadedImage
+
+# Called as progress(agent_name, phase, tokens_so_far) while tokens stream.
+Progress = Callable[[str, str, int], None]
+
+STEP_BY_STEP = "Think step by step, then give the final answer."
+# What closes an instruct model's free reasoning and asks for the answer.
+ANSWER_CUE = "\n\nFinal answer: "
+TRANSFER_CUE = "\n\nSo the answer is: "
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A loaded model in a role, with how it marks its thinking."""
+
+    model: VisionLanguageModel
+    thinking: bool = False
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+
+    @property
+    def name(self) -> str:
+        """The model's display name."""
+        return self.model.name
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about an image, with its resolved answer format."""
+
+    text: str
+    image: LoadedImage | None
+    fmt: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar that constrains a short answer (None for free text)."""
+        return grammars.grammar_for(self.fmt, self.options or None)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by both agents."""
+
+    temperature: float = 0.0
+    seed: int = 0
+    max_answer_tokens: int = 16
+
+
+@dataclass
+class AgentResult:
+    """What one agent produced, with its timings; the JSON shape of DESIGN.md."""
+
+    model: str
+    answer: str | None
+    reasoning: str | None
+    tokens: dict[str, int]
+    timings_ms: dict[str, float]
+    answer_probability: float | None = None
+    cancelled: bool = False
+    reasoning_pieces: list[str] = field(default_factory=list, repr=False)
+    reasoning_logprobs: list[float] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The agent object of the ``--json`` contract."""
+        return {
+            "model": self.model,
+            "answer": self.answer,
+            "reasoning": self.reasoning,
+            "tokens": dict(self.tokens),
+            "timings_ms": dict(self.timings_ms),
+            "answer_probability": self.answer_probability,
+            "cancelled": self.cancelled,
+        }
+
+
+@dataclass
+class ShortAnswer:
+    """A short-answer agent's result plus the live session for a later transfer."""
+
+    result: AgentResult
+    session: Session
+    prefix_end: int  # KV position right after image + question (+ thinking opener)
+
+
+def _user_text(question: Question, extra: str) -> str:
+    instruction = answers.answer_instruction(question.fmt, question.options or None)
+    return "\n".join(part for part in (question.text, instruction, extra) if part)
+
+
+def _stream(
+    session: Session, agent: Agent, phase: str, max_tokens: int, progress: Progress | None, **kwargs: Any
+) -> Generation:
+    for event_count, _ in enumerate(session.stream(max_tokens, **kwargs), start=1):
+        if progress is not None:
+            progress(agent.name, phase, event_count)
+    return session.last
+
+
+def _result(
+    agent: Agent, session: Session, answer: str | None, reasoning: str | None, load_ms: float
+) -> AgentResult:
+    timings = session.times.as_dict()
+    timings["load"] = round(load_ms, 3)
+    return AgentResult(
+        model=agent.name,
+        answer=answer,
+        reasoning=reasoning,
+        tokens={
+            "prompt": session.n_prompt_tokens,
+            "image": session.n_image_tokens,
+            "generated": session.n_generated,
+        },
+        timings_ms=timings,
+    )
+
+
+def _answer_from(gen: Generation, question: Question) -> str | None:
+    text = gen.text.strip()
+    if question.grammar is None:
+        return text or None
+    return answers.extract_answer(text, question.fmt, question.options or None) or (text or None)
+
+
+def _probability(gen: Generation) -> float | None:
+    return math.exp(sum(gen.logprobs)) if gen.logprobs else None
+
+
+def reason_then_answer(
+    agent: Agent,
+    question: Question,
+    sampling: Sampling,
+    think_budget: int,
+    *,
+    load_ms: float = 0.0,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> AgentResult:
+    """Reason (inside thinking markers, or step by step) for at most ``think_budget``
+    tokens, close the reasoning, then decode a constrained answer."""
+    model = agent.model
+    prompt = model.render_prompt(
+        _user_text(question, "" if agent.thinking else STEP_BY_STEP),
+        image=question.image is not None,
+        enable_thinking=True if agent.thinking else None,
+    )
+    if agent.thinking and not prompt.rstrip().endswith(agent.think_start):
+        prompt += agent.think_start + "\n"
+    session = model.session()
+    reserve = think_budget + sampling.max_answer_tokens + 16
+    session.prefill(prompt, question.image, reserve=reserve)
+    stop = model.token_id(agent.think_end) if agent.thinking else None
+    thought = _stream(
+        session,
+        agent,
+        "reason",
+        think_budget,
+        progress,
+        logprobs=True,
+        stop_tokens=() if stop is None else (stop,),
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+        cancel=cancel,
+    )
+    pieces, logprobs = list(thought.pieces), list(thought.logprobs)
+    if thought.stop_reason == "stop":  # the closing marker itself is not reasoning
+        pieces, logprobs = pieces[:-1], logprobs[:-1]
+    reasoning = "".join(pieces)
+    if agent.thinking and agent.think_end in reasoning:
+        reasoning = reasoning.split(agent.think_end)[0]
+    if thought.stop_reason == "cancelled":
+        result = _result(agent, session, None, reasoning.strip(), load_ms)
+        result.cancelled = True
+        result.reasoning_pieces, result.reasoning_logprobs = pieces, logprobs
+        return result
+    # Close the reasoning ourselves (also when the budget ran out) and force the answer.
+    closer = f"\n{agent.think_end}\n\n" if agent.thinking else ANSWER_CUE
+    session.append(closer, stage="prefill")
+    final = _stream(
+        session,
+        agent,
+        "answer",
+        sampling.max_answer_tokens,
+        progress,
+        grammar=question.grammar,
+        logprobs=True,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+    )
+    answer = _answer_from(final, question)
+    if answer is None:
+        answer = answers.extract_answer(reasoning, question.fmt, question.options or None)
+    result = _result(agent, session, answer, reasoning.strip(), load_ms)
+    result.answer_probability = _probability(final)
+    result.reasoning_pieces, result.reasoning_logprobs = pieces, logprobs
+    return result
+
+
+def answer_short(
+    agent: Agent,
+    question: Question,
+    sampling: Sampling,
+    *,
+    reserve: int = 0,
+    load_ms: float = 0.0,
+    progress: Progress | None = None,
+) -> ShortAnswer:
+    """Encode the image, prefill the question and decode a short constrained answer.
+
+    ``reserve`` keeps room in the context for a later transfer.
+    """
+    model = agent.model
+    prompt = model.render_prompt(
+        _user_text(question, ""),
+        image=question.image is not None,
+        enable_thinking=False if agent.thinking else None,
+    )
+    if agent.thinking and not prompt.rstrip().endswith(agent.think_start):
+        prompt += agent.think_start + "\n"
+    session = model.session()
+    session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
+    prefix_end = session.n_past
+    if agent.thinking:  # answer without thinking: close the (empty) thought first
+        session.append(f"\n{agent.think_end}\n\n", stage="prefill")
+    gen = _stream(
+        session,
+        agent,
+        "answer",
+        sampling.max_answer_tokens,
+        progress,
+        grammar=question.grammar,
+        logprobs=True,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+    )
+    result = _result(agent, session, _answer_from(gen, question), None, load_ms)
+    result.answer_probability = _probability(gen)
+    return ShortAnswer(result=result, session=session, prefix_end=prefix_end)
+
+
+def transfer_answer(
+    agent: Agent,
+    short: ShortAnswer,
+    question: Question,
+    transferred_text: str,
+    sampling: Sampling,
+    *,
+    progress: Progress | None = None,
+) -> tuple[str | None, float, float, int, float | None]:
+    """Insert ``transferred_text`` into the large agent's response after its cached
+    prefix and decode a constrained answer.
+
+    Returns (answer, transfer_prefill_ms, answer_decode_ms, transferred_tokens,
+    answer_probability). Only the inserted tokens and the answer are new work:
+    the image and the question stay in the KV cache.
+    """
+    session = short.session
+    session.rewind(short.prefix_end)
+    if agent.thinking:
+        text = f"{transferred_text}\n{agent.think_end}\n\n"
+    else:
+        text = f"{transferred_text}{TRANSFER_CUE}"
+    before = session.times.get("transfer_prefill")
+    n_tokens = session.append(text, stage="transfer_prefill", reserve=sampling.max_answer_tokens)
+    prefill_ms = session.times.get("transfer_prefill") - before
+    gen = _stream(
+        session,
+        agent,
+        "transfer",
+        sampling.max_answer_tokens,
+        progress,
+        grammar=question.grammar,
+        logprobs=True,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+        stage="answer_decode",
+    )
+    return _answer_from(gen, question), prefill_ms, gen.decode_ms, n_tokens, _probability(gen)

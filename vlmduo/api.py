@@ -1,0 +1,128 @@
+"""The public Python API the CLI is built on.
+
+    from vlmduo.api import load_agent, answer
+    small, _ = load_agent("synthetic-small")
+    large, _ = load_agent("synthetic-large")
+    result = answer("photo.jpg", "How many cats?", small=small, large=large)
+
+Models are resolved through the registry (names), or taken as ``.gguf`` paths,
+loaded once per process and kept: a second question pays no load.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmduo.agents import Agent, Progress
+from vlmduo.engine import EngineSettings, VisionLanguageModel
+from vlmduo.errors import ModelError
+from vlmduo.images import LoadedImage, load_image
+from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
+
+_cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
+_cache_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Files on disk for a model reference, and how the model marks its thinking."""
+
+    name: str
+    model_path: Path
+    mmproj_path: Path | None
+    thinking: bool = False
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+
+
+def resolve(ref: str, mmproj: str | Path | None = None, *, offline: bool = False) -> ResolvedModel:
+    """Turn a registry name or a ``.gguf`` path into files on disk.
+
+    Registry entries are downloaded (or, for synthetic entries, built) first
+    when missing, unless ``offline``.
+    """
+    if _looks_like_path(ref):
+        return _resolve_path(Path(ref).expanduser(), mmproj)
+    from vlmduo import registry
+
+    entry = registry.load_registry().model(ref)
+    if entry.source == "synthetic":
+        from vlmduo import synthetic
+
+        model_path, mmproj_path = synthetic.ensure_built(entry.name, entry.synthetic or {})
+    elif entry.source == "local":
+        model_path, mmproj_path = Path(entry.path), Path(entry.mmproj_path) if entry.mmproj_path else None
+    else:
+        from vlmduo import hub
+
+        model_path, mmproj_path = hub.ensure_files(entry, offline=offline)
+    if mmproj is not None:
+        mmproj_path = Path(mmproj).expanduser()
+    return ResolvedModel(
+        entry.name, Path(model_path), mmproj_path, entry.thinking, entry.think_start, entry.think_end
+    )
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".gguf") or "/" in ref or "\\" in ref or Path(ref).expanduser().is_file()
+
+
+def _resolve_path(path: Path, mmproj: str | Path | None) -> ResolvedModel:
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    mmproj_path = Path(mmproj).expanduser() if mmproj is not None else _sibling_mmproj(path)
+    # Without a registry entry, the file name is the best hint of a reasoning model.
+    thinking = "think" in path.name.lower()
+    return ResolvedModel(path.stem, path, mmproj_path, thinking)
+
+
+def _sibling_mmproj(path: Path) -> Path | None:
+    """The one ``mmproj*.gguf`` beside a model, if exactly one is there."""
+    found = sorted(p for p in path.parent.glob("*.gguf") if "mmproj" in p.name.lower() and p != path)
+    return found[0] if len(found) == 1 else None
+
+
+def load_model(resolved: ResolvedModel, settings: EngineSettings) -> tuple[VisionLanguageModel, float]:
+    """Load (or reuse) a model; returns it and the milliseconds this call spent loading."""
+    key = (str(resolved.model_path), str(resolved.mmproj_path), settings)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached, 0.0
+        model = VisionLanguageModel(resolved.model_path, resolved.mmproj_path, settings, name=resolved.name)
+        _cache[key] = model
+        return model, model.load_times.get("load")
+
+
+def load_agent(
+    ref: str,
+    mmproj: str | Path | None = None,
+    settings: EngineSettings | None = None,
+    *,
+    offline: bool = False,
+) -> tuple[Agent, float]:
+    """Resolve and load a model as an agent; returns it and its load time (0 when cached)."""
+    resolved = resolve(ref, mmproj, offline=offline)
+    model, load_ms = load_model(resolved, settings or EngineSettings())
+    agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end)
+    return agent, load_ms
+
+
+def answer(
+    image: str | LoadedImage | None,
+    question: str,
+    options: AskOptions | None = None,
+    *,
+    small: Agent | None = None,
+    large: Agent | None = None,
+    load_ms: dict[str, float] | None = None,
+    progress: Progress | None = None,
+) -> AskResult:
+    """Answer ``question`` about ``image`` (a path, URL, a loaded image, or None)."""
+    options = options or AskOptions()
+    options.validate()
+    loaded = load_image(image) if isinstance(image, str) else image
+    q = make_question(question, loaded, options.fmt)
+    return ask(q, options, small=small, large=large, load_ms=load_ms, progress=progress)

@@ -1,0 +1,156 @@
+"""``vlmduo ask IMAGE QUESTION``: parse, call the core, render."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from vlmduo.cli.errors import boundary
+from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
+from vlmduo.engine import EngineSettings
+from vlmduo.pipeline import AskOptions
+
+HELP = """Ask QUESTION about IMAGE (a path, an http(s) URL, or - for stdin).
+
+The answer goes to stdout; the timing table and progress to stderr.
+
+[bold]Examples[/]
+
+  vlmduo ask photo.jpg "How many cats are there?"
+
+  vlmduo ask photo.jpg "Which is larger? A. the cup B. the plate" --json
+
+  cat scan.png | vlmduo ask - "What does the sign say?" --mode large -q
+
+  vlmduo ask photo.jpg "Is it raining?" --pair synthetic   (random weights, no download)
+"""
+
+Modes = typer.Option("--mode", help="duo (default), small, large or large-think.")
+
+
+def _pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str, str]:
+    if small is not None and large is not None:
+        return small, large
+    from vlmduo import registry
+
+    chosen = registry.load_registry().pair(pair)
+    return small or chosen.small, large or chosen.large
+
+
+def _load(
+    options: AskOptions, refs: dict[str, tuple[str, str | None]], settings: EngineSettings, offline: bool
+) -> tuple[dict, dict[str, float]]:
+    from vlmduo.api import load_agent
+
+    needed = {"duo": ("small", "large"), "small": ("small",)}.get(options.mode, ("large",))
+    agents, load_ms = {}, {}
+    for role in needed:
+        ref, mmproj = refs[role]
+        agent, ms = load_agent(ref, mmproj, settings, offline=offline)
+        agents[role] = agent
+        load_ms[agent.name] = ms
+    return agents, load_ms
+
+
+def ask(
+    image: Annotated[str, typer.Argument(help="Image path, http(s) URL, or - to read stdin.")],
+    question: Annotated[str, typer.Argument(help="The question about the image.")],
+    small: Annotated[
+        str | None, typer.Option(help="Small (reasoning) model: registry name or .gguf path.")
+    ] = None,
+    large: Annotated[
+        str | None, typer.Option(help="Large (answering) model: registry name or .gguf path.")
+    ] = None,
+    small_mmproj: Annotated[str | None, typer.Option(help="Projector for a --small .gguf path.")] = None,
+    large_mmproj: Annotated[str | None, typer.Option(help="Projector for a --large .gguf path.")] = None,
+    pair: Annotated[
+        str, typer.Option(help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
+    ] = "default",
+    mode: Annotated[str, Modes] = "duo",
+    policy: Annotated[str, typer.Option(help="verify, confidence or always (duo mode).")] = "verify",
+    format: Annotated[
+        str, typer.Option("--format", help="auto, choice, yesno, number, short or free.")
+    ] = "auto",
+    max_answer_tokens: Annotated[int, typer.Option(help="Cap on answer tokens.")] = 16,
+    think_budget: Annotated[int, typer.Option(help="Cap on reasoning tokens.")] = 256,
+    transfer_budget: Annotated[int, typer.Option(help="Cap on transferred reasoning tokens.")] = 64,
+    selector: Annotated[str, typer.Option(help="full, tail, steps or surprisal.")] = "steps",
+    confidence_threshold: Annotated[
+        float, typer.Option(help="Answer probability that skips the small agent (policy confidence).")
+    ] = 0.8,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only the answer on stdout; only errors on stderr.")
+    ] = False,
+    show_reasoning_flag: Annotated[
+        bool, typer.Option("--show-reasoning", help="Print reasoning and the transferred part (stderr).")
+    ] = False,
+    sequential: Annotated[bool, typer.Option(help="Run the two agents one after the other.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    n_gpu_layers: Annotated[int, typer.Option(help="Layers to offload to the GPU (-1: all).")] = -1,
+    ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
+    offline: Annotated[bool, typer.Option(help="Never touch the network (also HF_HUB_OFFLINE=1).")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show llama.cpp's own log lines.")] = False,
+) -> None:
+    options = AskOptions(
+        mode=mode,
+        policy=policy,
+        fmt=format,
+        max_answer_tokens=max_answer_tokens,
+        think_budget=think_budget,
+        transfer_budget=transfer_budget,
+        selector=selector,
+        sequential=sequential,
+        seed=seed,
+        temperature=temperature,
+        confidence_threshold=confidence_threshold,
+    )
+    options.validate()
+    from vlmduo.api import answer
+    from vlmduo.images import load_image
+
+    console = stderr_console(quiet=quiet or json_out)
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    small_ref, large_ref = _pair_defaults(pair, small, large)
+    settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
+    with console.status("Loading models…") as status:
+        agents, load_ms = _load(
+            options,
+            {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)},
+            settings,
+            offline,
+        )
+
+        def progress(agent: str, phase: str, tokens: int) -> None:
+            status.update(f"{agent}: {phase} · {tokens} tokens")
+
+        result = answer(
+            loaded_image,
+            question,
+            options,
+            small=agents.get("small"),
+            large=agents.get("large"),
+            load_ms=load_ms,
+            progress=progress,
+        )
+    if json_out:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    print(result.answer if result.answer is not None else "")
+    if show_reasoning_flag:
+        show_reasoning(console, result)
+    console.print(timing_table(result))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``ask`` to the app."""
+    app.command("ask", help=HELP)(boundary(ask))

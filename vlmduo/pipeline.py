@@ -1,0 +1,320 @@
+"""The ask pipeline: modes small, large, large-think and duo.
+
+In ``duo`` the small agent reasons while the large agent answers short, both at
+once; a policy then decides whether the large answer stands or the key part of
+the small agent's reasoning is transferred into the large agent's response.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from vlmduo import answers, selection
+from vlmduo.agents import (
+    Agent,
+    AgentResult,
+    Progress,
+    Question,
+    Sampling,
+    ShortAnswer,
+    answer_short,
+    reason_then_answer,
+    transfer_answer,
+)
+from vlmduo.errors import UsageError
+from vlmduo.images import LoadedImage
+
+MODES = ("duo", "small", "large", "large-think")
+POLICIES = ("verify", "confidence", "always")
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    """Everything ``vlmduo ask`` lets a user choose about one question."""
+
+    mode: str = "duo"
+    policy: str = "verify"
+    fmt: str = "auto"
+    max_answer_tokens: int = 16
+    think_budget: int = 256
+    transfer_budget: int = 64
+    selector: str = "steps"
+    sequential: bool = False
+    seed: int = 0
+    temperature: float = 0.0
+    confidence_threshold: float = 0.8
+
+    def validate(self) -> None:
+        """Reject impossible settings before any model work."""
+        checks = [
+            (self.mode in MODES, f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}"),
+            (self.policy in POLICIES, f"unknown policy {self.policy!r}: choose from {', '.join(POLICIES)}"),
+            (
+                self.fmt == "auto" or self.fmt in answers.FORMATS,
+                f"unknown format {self.fmt!r}: choose from auto, {', '.join(answers.FORMATS)}",
+            ),
+            (
+                self.selector in selection.SELECTORS,
+                f"unknown selector {self.selector!r}: choose from {', '.join(selection.SELECTORS)}",
+            ),
+            (self.max_answer_tokens >= 1, "--max-answer-tokens must be at least 1"),
+            (self.think_budget >= 0, "--think-budget must not be negative"),
+            (self.transfer_budget >= 0, "--transfer-budget must not be negative"),
+            (0.0 <= self.confidence_threshold <= 1.0, "the confidence threshold must be in [0, 1]"),
+            (self.temperature >= 0.0, "--temperature must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass
+class AskResult:
+    """One answered question: the ``--json`` object of DESIGN.md."""
+
+    answer: str | None
+    mode: str
+    policy: str | None
+    route: str | None
+    format: str
+    small: AgentResult | None
+    large: AgentResult | None
+    transferred: dict[str, Any] | None
+    timings_ms: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The exact JSON contract (keys may be added, never renamed)."""
+        return {
+            "answer": self.answer if self.answer is not None else "",
+            "mode": self.mode,
+            "policy": self.policy,
+            "route": self.route,
+            "format": self.format,
+            "small": self.small.to_json() if self.small else None,
+            "large": self.large.to_json() if self.large else None,
+            "transferred": self.transferred,
+            "timings_ms": dict(self.timings_ms),
+        }
+
+
+def make_question(text: str, image: LoadedImage | None, fmt: str) -> Question:
+    """Resolve ``auto`` and parse options once, for both agents."""
+    if not text.strip():
+        raise UsageError("the question is empty")
+    options = answers.parse_options(text)
+    resolved = answers.infer_format(text) if fmt == "auto" else fmt
+    if resolved == "choice" and not options:
+        options = {}
+    return Question(text=text.strip(), image=image, fmt=resolved, options=options)
+
+
+def ask(
+    question: Question,
+    options: AskOptions,
+    *,
+    small: Agent | None = None,
+    large: Agent | None = None,
+    load_ms: dict[str, float] | None = None,
+    progress: Progress | None = None,
+) -> AskResult:
+    """Answer ``question`` in ``options.mode`` with the agents it needs."""
+    options.validate()
+    load_ms = load_ms or {}
+    sampling = Sampling(options.temperature, options.seed, options.max_answer_tokens)
+    start = time.perf_counter()
+    if options.mode == "duo":
+        if small is None or large is None:
+            raise UsageError("duo mode needs both a small and a large model")
+        return _duo(question, options, small, large, sampling, load_ms, progress)
+    agent = small if options.mode == "small" else large
+    if agent is None:
+        raise UsageError(
+            f"{options.mode} mode needs the {'small' if options.mode == 'small' else 'large'} model"
+        )
+    load = load_ms.get(agent.name, 0.0)
+    if options.mode == "large":
+        result = answer_short(agent, question, sampling, load_ms=load, progress=progress).result
+    else:
+        result = reason_then_answer(
+            agent, question, sampling, options.think_budget, load_ms=load, progress=progress
+        )
+    wall = (time.perf_counter() - start) * 1000.0
+    timings = {"total": round(wall + load, 3), "critical_path": round(wall, 3)}
+    return AskResult(
+        answer=result.answer,
+        mode=options.mode,
+        policy=None,
+        route=None,
+        format=question.fmt,
+        small=result if options.mode == "small" else None,
+        large=None if options.mode == "small" else result,
+        transferred=None,
+        timings_ms=timings,
+    )
+
+
+def _stage1_threads(sequential: bool) -> int:
+    # Two agents at once split the cores; one after the other each gets them all.
+    cores = os.cpu_count() or 1
+    return cores if sequential else max(1, cores // 2)
+
+
+def _duo(
+    question: Question,
+    options: AskOptions,
+    small: Agent,
+    large: Agent,
+    sampling: Sampling,
+    load_ms: dict[str, float],
+    progress: Progress | None,
+) -> AskResult:
+    start = time.perf_counter()
+    threads = _stage1_threads(options.sequential)
+    for agent in (small, large):
+        agent.model.set_threads(threads)
+    cancel = threading.Event()
+    reserve = options.transfer_budget + 8
+
+    def run_small() -> AgentResult:
+        if cancel.is_set():  # sequential + confident: never start the small agent
+            return AgentResult(
+                model=small.name,
+                answer=None,
+                reasoning=None,
+                tokens={"prompt": 0, "image": 0, "generated": 0},
+                timings_ms={"load": load_ms.get(small.name, 0.0)},
+                cancelled=True,
+            )
+        return reason_then_answer(
+            small,
+            question,
+            sampling,
+            options.think_budget,
+            load_ms=load_ms.get(small.name, 0.0),
+            cancel=cancel,
+            progress=progress,
+        )
+
+    def run_large() -> ShortAnswer:
+        return answer_short(
+            large,
+            question,
+            sampling,
+            reserve=reserve,
+            load_ms=load_ms.get(large.name, 0.0),
+            progress=progress,
+        )
+
+    with ThreadPoolExecutor(max_workers=1 if options.sequential else 2) as pool:
+        # Sequential runs the large agent first: the confidence policy can then
+        # skip the small one entirely, as it would cancel it when concurrent.
+        large_future: Future[ShortAnswer] = pool.submit(run_large)
+        if options.sequential:
+            short = large_future.result()
+            if _confident(options, short):
+                cancel.set()
+        small_future: Future[AgentResult] = pool.submit(run_small)
+        short = large_future.result()
+        if _confident(options, short):
+            cancel.set()
+        small_result = small_future.result()
+    stage1_ms = (time.perf_counter() - start) * 1000.0
+    for agent in (small, large):
+        agent.model.set_threads(_stage1_threads(True))
+    return _decide(
+        question, options, small, large, sampling, short, small_result, stage1_ms, start, load_ms, progress
+    )
+
+
+def _chain_ms(result: AgentResult) -> float:
+    t = result.timings_ms
+    return sum(t.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
+
+
+def _critical_path(small: AgentResult, large: AgentResult, route: str) -> float:
+    """Stage-1 time with perfect overlap: the longer agent's chain (the large one's
+    alone when it answered confidently and the small one was cancelled)."""
+    if route == "confident":
+        return _chain_ms(large)
+    return max(_chain_ms(small), _chain_ms(large))
+
+
+def _confident(options: AskOptions, short: ShortAnswer) -> bool:
+    prob = short.result.answer_probability
+    return options.policy == "confidence" and prob is not None and prob >= options.confidence_threshold
+
+
+def _decide(
+    question: Question,
+    options: AskOptions,
+    small: Agent,
+    large: Agent,
+    sampling: Sampling,
+    short: ShortAnswer,
+    small_result: AgentResult,
+    stage1_ms: float,
+    start: float,
+    load_ms: dict[str, float],
+    progress: Progress | None,
+) -> AskResult:
+    large_result = short.result
+    opts = question.options or None
+    timings: dict[str, float] = {"stage1": round(stage1_ms, 3)}
+    transferred = None
+    if _confident(options, short):
+        route, answer = "confident", large_result.answer
+    elif options.policy != "always" and answers.answers_agree(
+        small_result.answer, large_result.answer, question.fmt, opts
+    ):
+        route, answer = "agree", large_result.answer
+    else:
+        route = "transfer"
+        t0 = time.perf_counter()
+        chosen = selection.select_key_reasoning(
+            small_result.reasoning_pieces,
+            small_result.reasoning_logprobs,
+            question.text,
+            options.selector,
+            options.transfer_budget,
+            count_tokens=large.model.count_tokens,
+        )
+        timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
+        answer, prefill_ms, decode_ms, n_tokens, _prob = transfer_answer(
+            large, short, question, chosen.text, sampling, progress=progress
+        )
+        timings["transfer_prefill"] = round(prefill_ms, 3)
+        timings["answer_decode"] = round(decode_ms, 3)
+        # tokens: the transferred text in the large model's tokens (<= budget);
+        # prefill_tokens adds the closing cue, i.e. all the large model prefilled.
+        transferred = {
+            "selector": chosen.selector,
+            "tokens": chosen.tokens,
+            "text": chosen.text,
+            "prefill_tokens": n_tokens,
+        }
+    wall = (time.perf_counter() - start) * 1000.0
+    load = sum(load_ms.get(a.name, 0.0) for a in (small, large))
+    timings["total"] = round(wall + load, 3)
+    timings["critical_path"] = round(
+        _critical_path(small_result, large_result, route)
+        + timings.get("select", 0.0)
+        + timings.get("transfer_prefill", 0.0)
+        + timings.get("answer_decode", 0.0),
+        3,
+    )
+    return AskResult(
+        answer=answer,
+        mode="duo",
+        policy=options.policy,
+        route=route,
+        format=question.fmt,
+        small=small_result,
+        large=large_result,
+        transferred=transferred,
+        timings_ms=timings,
+    )
