@@ -155,6 +155,10 @@ class VisionLanguageModel:
                 f"for {self.model_path.name}: " + llama_logs.last_error("out of memory?")
             )
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        # llama.cpp clamps the batch to the context (and the micro-batch to the
+        # batch); libmtmd's helpers assert when handed a larger one than the
+        # context's batch holds, so use what llama.cpp actually allocated.
+        self.n_batch = min(llama_cpp.llama_n_batch(self._ctx), llama_cpp.llama_n_ubatch(self._ctx))
 
     def _load_projector(self) -> None:
         import llama_cpp.mtmd_cpp as mtmd
@@ -352,7 +356,7 @@ class Session:
                     chunk,
                     self.n_past,
                     0,
-                    model.settings.n_batch,
+                    model.n_batch,
                     True,
                     ctypes.byref(new_past),
                 )
@@ -371,7 +375,7 @@ class Session:
                     embd,
                     self.n_past,
                     0,
-                    model.settings.n_batch,
+                    model.n_batch,
                     ctypes.byref(new_past),
                     _NO_CALLBACK(),
                     None,
@@ -393,7 +397,7 @@ class Session:
         self._check_fits(len(tokens), reserve)
         arr = (llama_cpp.llama_token * len(tokens))(*tokens)
         with self.times.measure(stage):
-            step = self.model.settings.n_batch
+            step = self.model.n_batch
             for start in range(0, len(tokens), step):
                 n = min(step, len(tokens) - start)
                 batch = llama_cpp.llama_batch_init(n, 0, 1)

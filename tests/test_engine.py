@@ -1,0 +1,159 @@
+"""The engine on real GGUF files through llama.cpp: stages, KV prefix reuse, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlmduo.engine import EngineSettings, VisionLanguageModel
+from vlmduo.errors import ContextOverflowError, ModelError, ProjectorMismatchError
+from vlmduo.synthetic import SyntheticSpec, build
+
+
+def test_prefill_counts_and_stage_timings(small_model, small_files, image):
+    session = small_model.session()
+    prompt = small_model.render_prompt("How many cats?", image=True)
+    session.prefill(prompt, image)
+    assert session.n_image_tokens == small_files.spec.image_tokens
+    text_tokens = small_model.tokenize(prompt.replace(small_model.marker, ""), special=True)
+    # libmtmd splits around the marker, so allow a token of difference at the seams.
+    assert abs(session.n_prompt_tokens - len(text_tokens)) <= 2
+    for stage in ("image", "encode", "prefill"):
+        assert session.times.get(stage) > 0.0, stage
+    assert session.n_past == session.n_prompt_tokens + session.n_image_tokens
+
+
+def test_stream_yields_tokens_with_logprobs(small_model, image):
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Describe it.", image=True), image)
+    events = list(session.stream(12, logprobs=True))
+    assert 0 < len(events) <= 12
+    assert all(e.logprob is not None and e.logprob <= 0.0 for e in events)
+    assert [e.token for e in events] == session.last.tokens
+    assert session.times.get("decode") > 0.0
+    elapsed = [e.elapsed_ms for e in events]
+    assert elapsed == sorted(elapsed)
+
+
+def test_continuation_after_cached_prefix_matches_fresh_run(small_model, image):
+    prompt = small_model.render_prompt("What is in the picture?", image=True)
+    suffix = "The picture shows two red cars and a tree. So"
+    cached = small_model.session()
+    cached.prefill(prompt, image)
+    prefix_end = cached.n_past
+    encode_before = cached.times.get("encode")
+    cached.generate(8)  # a first answer, to be thrown away like the duo pipeline does
+    cached.rewind(prefix_end)
+    n_new = cached.append(suffix, stage="transfer_prefill")
+    continued = cached.generate(16).tokens
+
+    fresh = small_model.session()
+    fresh.prefill(prompt + suffix, image)
+    assert continued == fresh.generate(16).tokens
+    # Only the new tokens were prefilled; the image was not encoded again.
+    assert n_new == len(small_model.tokenize(suffix, special=True))
+    assert cached.times.get("encode") == encode_before
+    assert cached.n_image_tokens == fresh.n_image_tokens
+
+
+def test_grammar_constrains_output(small_model, image):
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Pick one.", image=True), image)
+    gen = session.generate(8, grammar='root ::= "A" | "B" | "C"')
+    assert gen.text in {"A", "B", "C"}
+    assert gen.stop_reason == "eog"
+
+
+def test_stop_token_ends_stream_without_feeding_it(small_model):
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Think.", image=False))
+    first = session.generate(1)
+    stop_id = first.tokens[0]
+    session2 = small_model.session()
+    session2.prefill(small_model.render_prompt("Think.", image=False))
+    before = session2.n_past
+    gen = session2.generate(10, stop_tokens=(stop_id,))
+    assert gen.stop_reason == "stop" and gen.tokens == [stop_id]
+    assert session2.n_past == before  # the stop token was not decoded into the KV cache
+
+
+def test_question_without_image(small_model):
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Say something.", image=False))
+    assert session.n_image_tokens == 0
+    assert session.generate(4).tokens
+
+
+def test_context_overflow_is_caught_before_llama_cpp(small_files, image):
+    model = VisionLanguageModel(small_files.model, small_files.mmproj, EngineSettings(n_ctx=64))
+    session = model.session()
+    long_question = "Why? " * 80
+    with pytest.raises(ContextOverflowError, match=r"context holds \d+"):
+        session.prefill(model.render_prompt(long_question, image=True), image)
+    with pytest.raises(ContextOverflowError):
+        session.prefill(model.render_prompt("Hi", image=True), image, reserve=1000)
+
+
+def test_projector_width_mismatch_is_refused_before_loading(tmp_path, small_files):
+    bad = SyntheticSpec(proj_embd=96)
+    build(bad, tmp_path / "unused.gguf", tmp_path / "wide-mmproj.gguf")
+    with pytest.raises(ProjectorMismatchError, match="96-wide"):
+        VisionLanguageModel(small_files.model, tmp_path / "wide-mmproj.gguf")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p, src: None, "not found"),
+        (lambda p, src: p.write_text("hello, not a model"), "not a GGUF file"),
+        (lambda p, src: p.write_bytes(src.read_bytes()[: src.stat().st_size // 2]), "truncated"),
+        (lambda p, src: p.write_bytes(b"GGUF\x03\x00"), "corrupt or truncated"),
+        (lambda p, src: p.mkdir(), "directory"),
+    ],
+)
+def test_bad_model_files_are_one_line_errors(tmp_path, small_files, make, message):
+    path = tmp_path / "model.gguf"
+    make(path, small_files.model)
+    with pytest.raises(ModelError, match=message) as info:
+        VisionLanguageModel(path, small_files.mmproj)
+    assert "\n" not in info.value.message
+
+
+def test_projector_passed_as_model_is_refused(small_files):
+    with pytest.raises(ModelError, match="projector"):
+        VisionLanguageModel(small_files.mmproj, small_files.mmproj)
+
+
+def test_second_load_in_process_is_free(small_files):
+    from vlmduo.api import ResolvedModel, load_model
+
+    resolved = ResolvedModel("cached", small_files.model, small_files.mmproj)
+    settings = EngineSettings(n_ctx=512)
+    first, first_ms = load_model(resolved, settings)
+    second, second_ms = load_model(resolved, settings)
+    assert first is second
+    assert first_ms > 0.0 and second_ms == 0.0
+
+
+def test_list_only_chat_template_gets_flattened_text(tmp_path):
+    from vlmduo import chat
+
+    # A template that only accepts a list of parts (string content raises).
+    template = (
+        "{% for m in messages %}{% if m['content'] is string %}"
+        "{{ raise_exception('parts only') }}{% endif %}"
+        "{% for part in m['content'] %}[{{ part['text'] }}]{% endfor %}{% endfor %}"
+    )
+    assert chat.render(template, "<__media__>\nQ?") == "[<__media__>\nQ?]"
+    string_only = "{% for m in messages %}{{ m['content'] + '|' }}{% endfor %}"
+    assert chat.render(string_only, "<__media__>\nQ?") == "<__media__>\nQ?|"
+
+
+def test_model_without_projector_refuses_images(small_files, tmp_path):
+    lone = tmp_path / "lone.gguf"
+    shutil.copy(small_files.model, lone)
+    model = VisionLanguageModel(Path(lone), None, EngineSettings(n_ctx=512))
+    with pytest.raises(ModelError, match="cannot see images"):
+        model.render_prompt("What is it?", image=True)
