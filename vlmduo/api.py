@@ -37,7 +37,9 @@ class ResolvedModel:
     think_end: str = "</think>"
 
 
-def resolve(ref: str, mmproj: str | Path | None = None, *, offline: bool = False) -> ResolvedModel:
+def resolve(
+    ref: str, mmproj: str | Path | None = None, *, offline: bool = False, progress: bool = True
+) -> ResolvedModel:
     """Turn a registry name or a ``.gguf`` path into files on disk.
 
     Registry entries are downloaded (or, for synthetic entries, built) first
@@ -57,7 +59,7 @@ def resolve(ref: str, mmproj: str | Path | None = None, *, offline: bool = False
     else:
         from vlmduo import hub
 
-        model_path, mmproj_path = hub.ensure_files(entry, offline=offline)
+        model_path, mmproj_path = hub.ensure_files(entry, offline=offline, progress=progress)
     if mmproj is not None:
         mmproj_path = Path(mmproj).expanduser()
     return ResolvedModel(
@@ -97,14 +99,18 @@ def load_model(resolved: ResolvedModel, settings: EngineSettings) -> tuple[Visio
 
 
 def load_agent(
-    ref: str,
+    ref: str | ResolvedModel,
     mmproj: str | Path | None = None,
     settings: EngineSettings | None = None,
     *,
     offline: bool = False,
+    progress: bool = True,
 ) -> tuple[Agent, float]:
-    """Resolve and load a model as an agent; returns it and its load time (0 when cached)."""
-    resolved = resolve(ref, mmproj, offline=offline)
+    """Resolve (unless already resolved) and load a model as an agent; returns it and
+    its load time (0 when cached)."""
+    resolved = (
+        ref if isinstance(ref, ResolvedModel) else resolve(ref, mmproj, offline=offline, progress=progress)
+    )
     model, load_ms = load_model(resolved, settings or EngineSettings())
     agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end)
     return agent, load_ms

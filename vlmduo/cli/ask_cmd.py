@@ -41,16 +41,28 @@ def _pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str
     return small or chosen.small, large or chosen.large
 
 
-def _load(
-    options: AskOptions, refs: dict[str, tuple[str, str | None]], settings: EngineSettings, offline: bool
-) -> tuple[dict, dict[str, float]]:
+def _needed_roles(mode: str) -> tuple[str, ...]:
+    return {"duo": ("small", "large"), "small": ("small",)}.get(mode, ("large",))
+
+
+def _resolve(
+    options: AskOptions, refs: dict[str, tuple[str, str | None]], offline: bool, progress: bool
+) -> dict:
+    """Files for each needed role; downloads (with progress bars) happen here."""
+    from vlmduo.api import resolve
+
+    return {
+        role: resolve(refs[role][0], refs[role][1], offline=offline, progress=progress)
+        for role in _needed_roles(options.mode)
+    }
+
+
+def _load(resolved: dict, settings: EngineSettings) -> tuple[dict, dict[str, float]]:
     from vlmduo.api import load_agent
 
-    needed = {"duo": ("small", "large"), "small": ("small",)}.get(options.mode, ("large",))
     agents, load_ms = {}, {}
-    for role in needed:
-        ref, mmproj = refs[role]
-        agent, ms = load_agent(ref, mmproj, settings, offline=offline)
+    for role, model in resolved.items():
+        agent, ms = load_agent(model, settings=settings)
         agents[role] = agent
         load_ms[agent.name] = ms
     return agents, load_ms
