@@ -227,8 +227,7 @@ def test_big_budget_returns_everything(
             "choice",
             20,
             None,
-            "The question asks which fruit is the largest.\n"
-            "Options: A. apple B. watermelon C. grape",
+            "The question asks which fruit is the largest.\nOptions: A. apple B. watermelon C. grape",
         ),
         ("sign", 10, quarter_chars, "Step 1: Find the sign in the image."),
     ],
@@ -292,9 +291,7 @@ def test_tail_returns_the_ending(
         ),
     ],
 )
-def test_steps_drops_chatter_and_keeps_content(
-    name: str, kept: list[str], dropped: list[str]
-) -> None:
+def test_steps_drops_chatter_and_keeps_content(name: str, kept: list[str], dropped: list[str]) -> None:
     selection = select(name, "steps", 1000)
     for phrase in kept:
         assert phrase in selection.text
@@ -393,9 +390,7 @@ def test_surprisal_keeps_the_conclusion_first(name: str) -> None:
         ("full", None, -1, "budget"),
     ],
 )
-def test_invalid_arguments(
-    selector: str, logprobs: list[float] | None, budget: int, message: str
-) -> None:
+def test_invalid_arguments(selector: str, logprobs: list[float] | None, budget: int, message: str) -> None:
     pieces = tokenize("One step. Two steps. So three.")
     with pytest.raises(ValueError, match=message):
         select_key_reasoning(pieces, logprobs, "How many?", selector, budget)

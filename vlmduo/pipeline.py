@@ -7,7 +7,6 @@ the small agent's reasoning is transferred into the large agent's response.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,10 +157,9 @@ def ask(
     )
 
 
-def _stage1_threads(sequential: bool) -> int:
+def _stage1_threads(model_threads: int, sequential: bool) -> int:
     # Two agents at once split the cores; one after the other each gets them all.
-    cores = os.cpu_count() or 1
-    return cores if sequential else max(1, cores // 2)
+    return model_threads if sequential else max(1, model_threads // 2)
 
 
 def _duo(
@@ -174,9 +172,8 @@ def _duo(
     progress: Progress | None,
 ) -> AskResult:
     start = time.perf_counter()
-    threads = _stage1_threads(options.sequential)
     for agent in (small, large):
-        agent.model.set_threads(threads)
+        agent.model.set_threads(_stage1_threads(agent.model.settings.threads(), options.sequential))
     cancel = threading.Event()
     reserve = options.transfer_budget + 8
 
@@ -225,7 +222,7 @@ def _duo(
         small_result = small_future.result()
     stage1_ms = (time.perf_counter() - start) * 1000.0
     for agent in (small, large):
-        agent.model.set_threads(_stage1_threads(True))
+        agent.model.set_threads(agent.model.settings.threads())
     return _decide(
         question, options, small, large, sampling, short, small_result, stage1_ms, start, load_ms, progress
     )
@@ -296,6 +293,8 @@ def _decide(
             "tokens": chosen.tokens,
             "text": chosen.text,
             "prefill_tokens": n_tokens,
+            # the large model's answer after the transfer (its stage-1 answer is in "large")
+            "answer_tokens": len(short.session.last.tokens),
         }
     wall = (time.perf_counter() - start) * 1000.0
     load = sum(load_ms.get(a.name, 0.0) for a in (small, large))

@@ -134,13 +134,10 @@ def ask(
     small_ref, large_ref = _pair_defaults(pair, small, large)
     settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
     loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
+    refs = {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
+    resolved = _resolve(options, refs, offline, progress=not (quiet or json_out))
     with console.status("Loading models…") as status:
-        agents, load_ms = _load(
-            options,
-            {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)},
-            settings,
-            offline,
-        )
+        agents, load_ms = _load(resolved, settings)
 
         def progress(agent: str, phase: str, tokens: int) -> None:
             status.update(f"{agent}: {phase} · {tokens} tokens")

@@ -1,0 +1,466 @@
+"""Latency analysis of a pair of VLMs (``vlmduo bench``): where the time goes.
+
+For each model it measures, on generated inputs, the load time, image preprocess
+and vision-encode time per image size, prefill time against prompt length and
+decode time per token against context length, each repeated (median and
+min/max). From those it fits the linear latency model of
+:mod:`vlmduo.latency_model`, builds the crossover table the duo method rests on
+and predicts every mode's time, then checks the predictions against a measured
+``pipeline.ask`` of each mode.
+
+Pure measurement: progress goes to a callback, rendering is the CLI's job.
+Ctrl-C stops the measuring but keeps what was measured; ``complete`` says which
+parts finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmduo import latency_model as lm
+from vlmduo.agents import Agent
+from vlmduo.engine import Session, VisionLanguageModel
+from vlmduo.errors import UsageError
+from vlmduo.images import LoadedImage, synthetic_image
+from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
+
+# Called as progress(description, steps_done, steps_total).
+BenchProgress = Callable[[str, int, int], None]
+
+CHECK_MODES = ("small", "large", "large-think", "duo")  # duo last: it changes thread counts
+BENCH_QUESTION = "Which colour covers most of the image?\nA. red\nB. green\nC. blue\nD. grey"
+# Plain words every tokenizer splits predictably; the model never has to make sense of them.
+_FILLER = (
+    "the picture shows a small red car next to a large blue bus on the left side of the "
+    "street while two people walk past a green tree and the sky above them is white "
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and which token counts to predict for."""
+
+    reps: int = 3
+    image_sizes: tuple[int, ...] = (224, 448, 896)
+    prompt_lengths: tuple[int, ...] = (64, 256, 1024)
+    decode_lengths: tuple[int, ...] = (16, 64, 256)
+    think_tokens: int = 256
+    answer_tokens: int = 16
+    transfer_tokens: int = 64
+    small_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    large_tokens: tuple[int, ...] = (1, 4, 16, 64, 256)
+    check: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Reject settings that cannot give a fit, before any model work."""
+        checks = [
+            (self.reps >= 1, "--reps must be at least 1"),
+            (bool(self.image_sizes) and min(self.image_sizes) >= 1, "image sizes must be 1 px or more"),
+            (len(set(self.prompt_lengths)) >= 2, "give at least 2 different --prompt-lengths"),
+            (len(set(self.decode_lengths)) >= 2, "give at least 2 different --decode-lengths"),
+            (min(self.prompt_lengths, default=0) >= 1, "prompt lengths must be 1 token or more"),
+            (min(self.decode_lengths, default=0) >= 1, "decode lengths must be 1 token or more"),
+            (self.answer_tokens >= 1, "--max-answer-tokens must be at least 1"),
+            (min(self.think_tokens, self.transfer_tokens) >= 0, "token budgets must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def fit_image_size(self) -> int:
+        """The image size of the fitted runs and the mode checks: the middle one given."""
+        return sorted(self.image_sizes)[len(self.image_sizes) // 2]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median and spread (min, max) of repeated measurements, in ms."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        """Summarise at least one value."""
+        return cls(float(statistics.median(values)), float(min(values)), float(max(values)), len(values))
+
+
+@dataclass(frozen=True)
+class ImagePoint:
+    """One image size: preprocess (libmtmd resize + patching), encode and prefill times."""
+
+    size: int
+    image_tokens: int  # libmtmd resizes to the projector's size, so often the same for all
+    preprocess: Stat
+    encode: Stat
+    prefill: Stat  # image embeddings plus the short chat template around them
+    total: Stat
+
+
+@dataclass(frozen=True)
+class PrefillPoint:
+    """Prefill of ``tokens`` filler tokens after a cached image prefix."""
+
+    requested: int
+    tokens: int
+    ms: Stat
+
+    @property
+    def ms_per_token(self) -> float:
+        """Median ms per prompt token (batched: far below a decode step)."""
+        return self.ms.median / self.tokens if self.tokens else 0.0
+
+
+@dataclass(frozen=True)
+class DecodePoint:
+    """Decode after ``context`` tokens in the KV cache, forced to ``tokens`` tokens."""
+
+    context: int
+    tokens: int
+    ms_per_token: Stat
+    eog_restarts: int  # end-of-generation tokens replaced to keep the length fixed
+
+
+@dataclass
+class ModelBench:
+    """Everything measured and fitted for one model."""
+
+    role: str
+    name: str
+    load_ms: float | None = None
+    prefix_tokens: int = 0  # image + chat template of the fitted runs
+    prefix_ms: float | None = None
+    image: list[ImagePoint] = field(default_factory=list)
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+    samples: list[lm.LatencySample] = field(default_factory=list)
+    fit: lm.LatencyFit | None = None
+    fit_problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ModeCheck:
+    """A measured ``ask`` of one mode against the prediction for its actual token counts."""
+
+    mode: str
+    route: str | None
+    measured_ms: float
+    predicted_ms: float | None
+    tokens: dict[str, int]
+
+    @property
+    def error_pct(self) -> float | None:
+        """(predicted - measured) / measured, in percent."""
+        if self.predicted_ms is None or self.measured_ms <= 0:
+            return None
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms * 100.0
+
+
+@dataclass
+class BenchReport:
+    """The whole analysis; ``complete`` lists the parts that finished."""
+
+    config: BenchConfig
+    models: dict[str, ModelBench]
+    crossover_prompt_tokens: int = 0
+    crossover: list[lm.CrossoverRow] = field(default_factory=list)
+    predicted_modes: dict[str, float] = field(default_factory=dict)
+    checks: list[ModeCheck] = field(default_factory=list)
+    complete: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (non-finite numbers become null)."""
+        data = dataclasses.asdict(self)
+        for row in data["crossover"]:
+            row["ratios"] = {str(k): v for k, v in row["ratios"].items()}
+        data["checks"] = [{**dataclasses.asdict(c), "error_pct": c.error_pct} for c in self.checks]
+        for name, bench in self.models.items():
+            data["models"][name]["prefill"] = [
+                {**dataclasses.asdict(p), "ms_per_token": p.ms_per_token} for p in bench.prefill
+            ]
+        return _finite(data)
+
+
+def _finite(value: Any) -> Any:
+    """Replace inf/nan by None, recursively: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+class _Ticker:
+    """Counts steps for the progress callback."""
+
+    def __init__(self, total: int, progress: BenchProgress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, description: str, advance: int = 1) -> None:
+        self.done += advance
+        if self.progress is not None:
+            self.progress(description, self.done, self.total)
+
+
+def run_bench(
+    small: Agent, large: Agent, config: BenchConfig, *, progress: BenchProgress | None = None
+) -> BenchReport:
+    """Measure both models, fit, predict and (``config.check``) check against real asks.
+
+    KeyboardInterrupt stops the measuring; the report keeps everything measured so
+    far, is analysed as far as the data allows and has ``interrupted`` set.
+    """
+    config.validate()
+    report = BenchReport(
+        config, {"small": ModelBench("small", small.name), "large": ModelBench("large", large.name)}
+    )
+    per_model = 1 + config.reps * (len(config.image_sizes) + len(config.prompt_lengths))
+    tick = _Ticker(2 * per_model + (len(CHECK_MODES) if config.check else 0), progress)
+    try:
+        for role, agent in (("small", small), ("large", large)):
+            _measure_model(agent.model, report.models[role], config, report.complete, tick)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    _analyse(report)
+    if config.check and not report.interrupted and report.predicted_modes:
+        try:
+            _check_modes(report, small, large, tick)
+        except KeyboardInterrupt:
+            report.interrupted = True
+    return report
+
+
+def _measure_model(
+    model: VisionLanguageModel, bench: ModelBench, config: BenchConfig, complete: list[str], tick: _Ticker
+) -> None:
+    bench.load_ms = model.load_times.get("load")
+    complete.append(f"{bench.role}:load")
+    tick(f"{bench.name}: loaded")
+    if model.has_vision:
+        for size in config.image_sizes:
+            bench.image.append(_measure_image(model, size, config, tick))
+        complete.append(f"{bench.role}:image")
+    else:
+        tick(f"{bench.name}: no projector, image skipped", config.reps * len(config.image_sizes))
+    _measure_prompt_and_decode(model, bench, config, tick)
+    complete.extend((f"{bench.role}:prefill", f"{bench.role}:decode"))
+
+
+def _bench_image(size: int, seed: int) -> LoadedImage:
+    # decode_ms of a generated image is generation time, not decoding: leave it out.
+    return dataclasses.replace(synthetic_image(size, size, seed=seed), decode_ms=0.0)
+
+
+def _measure_image(model: VisionLanguageModel, size: int, config: BenchConfig, tick: _Ticker) -> ImagePoint:
+    image = _bench_image(size, config.seed)
+    prompt = model.render_prompt("Describe the image.", image=True)
+    runs: list[dict[str, float]] = []
+    tokens = 0
+    for rep in range(config.reps):
+        session = model.session()
+        session.prefill(prompt, image)
+        runs.append(dict(session.times.ms))
+        tokens = session.n_image_tokens
+        tick(f"{model.name}: image {size}px ({rep + 1}/{config.reps})")
+
+    def stat(*stages: str) -> Stat:
+        return Stat.of([sum(run.get(s, 0.0) for s in stages) for run in runs])
+
+    return ImagePoint(
+        size=size,
+        image_tokens=tokens,
+        preprocess=stat("image"),
+        encode=stat("encode"),
+        prefill=stat("prefill"),
+        total=stat("image", "encode", "prefill"),
+    )
+
+
+def filler_text(model: VisionLanguageModel, n_tokens: int) -> str:
+    """Plain filler text of at most ``n_tokens`` tokens of this model, as close as it gets."""
+    # Real tokenizers average 3-5 characters a token: 16 a token leaves room to spare.
+    long = (_FILLER * (n_tokens // 8 + 2))[: n_tokens * 16]
+    low, high = 0, len(long) + 1
+    while low + 1 < high:  # binary search on characters: the token count grows with them
+        mid = (low + high) // 2
+        low, high = (mid, high) if model.count_tokens(long[:mid]) <= n_tokens else (low, mid)
+    return long[:low]
+
+
+def _prefix(model: VisionLanguageModel, config: BenchConfig) -> tuple[Session, float]:
+    """A session holding the fitted runs' image prefix, and what it cost."""
+    session = model.session()
+    image = _bench_image(config.fit_image_size, config.seed) if model.has_vision else None
+    session.prefill(model.render_prompt("Describe the image.", image=image is not None), image)
+    return session, sum(session.times.ms.values())
+
+
+def _measure_prompt_and_decode(
+    model: VisionLanguageModel, bench: ModelBench, config: BenchConfig, tick: _Ticker
+) -> None:
+    """Per prompt length: prefill filler after the cached image prefix, then decode.
+
+    The session is rewound to the prefix between runs, so the image is encoded once.
+    """
+    session, prefix_ms = _prefix(model, config)
+    base = session.n_past
+    fits = {s.size: s.total.median for s in bench.image}
+    bench.prefix_ms = fits.get(config.fit_image_size, prefix_ms)
+    bench.prefix_tokens = base
+    n_decode = max(config.decode_lengths)
+    needed = base + max(config.prompt_lengths) + n_decode + 8
+    if needed > model.n_ctx:
+        raise UsageError(
+            f"{model.name}: the bench needs a {needed}-token context, the model has {model.n_ctx}",
+            hint=f"raise --ctx to {needed} or shorten --prompt-lengths/--decode-lengths",
+        )
+    for length in sorted(set(config.prompt_lengths)):
+        text = filler_text(model, length)
+        prefill_ms: list[float] = []
+        per_token: list[float] = []
+        cumulative: list[list[float]] = []
+        restarts, n_tokens = 0, 0
+        for rep in range(config.reps):
+            session.rewind(base)
+            start = time.perf_counter()
+            n_tokens = session.append(text, stage="bench_prefill")
+            prefill_ms.append((time.perf_counter() - start) * 1000.0)
+            deltas, extra = forced_decode(session, n_decode)
+            restarts += extra
+            per_token.append(statistics.median(deltas) if deltas else math.nan)
+            cumulative.append(_cumsum(deltas))
+            tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
+        bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
+        bench.decode.append(DecodePoint(base + n_tokens, n_decode, Stat.of(per_token), restarts))
+        for n in sorted(set(config.decode_lengths)):
+            decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
+            if decode_ms:
+                ms = bench.prefix_ms + statistics.median(prefill_ms) + statistics.median(decode_ms)
+                bench.samples.append(lm.LatencySample(base + n_tokens, n, ms))
+
+
+def _cumsum(values: Sequence[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def forced_decode(session: Session, n_tokens: int) -> tuple[list[float], int]:
+    """Decode exactly ``n_tokens`` tokens (fewer only if the context fills up).
+
+    Returns the ms of each token and how many end-of-generation tokens were met:
+    each is replaced by a filler word (prefilled, not timed) so generation goes on
+    at the same context length, unconstrained, as real reasoning would run.
+    """
+    deltas: list[float] = []
+    restarts = 0
+    while len(deltas) < n_tokens:
+        last = 0.0
+        for event in session.stream(n_tokens - len(deltas)):
+            deltas.append(event.elapsed_ms - last)
+            last = event.elapsed_ms
+        if session.last.stop_reason != "eog" or restarts > n_tokens:
+            break
+        restarts += 1
+        session.append(" the", stage="bench_filler")
+    return deltas, restarts
+
+
+def _analyse(report: BenchReport) -> None:
+    """Fit each model and, with both fits, build the crossover and mode predictions."""
+    for bench in report.models.values():
+        try:
+            bench.fit = lm.fit_latency(bench.samples)
+            report.complete.append(f"{bench.role}:fit")
+        except ValueError as exc:
+            bench.fit_problem = str(exc)
+    small, large = report.models["small"], report.models["large"]
+    if small.fit is None or large.fit is None:
+        return
+    config = report.config
+    prompt = report.crossover_prompt_tokens = large.prefix_tokens + 32  # image + a short question
+    try:
+        report.crossover = lm.crossover(
+            small.fit,
+            large.fit,
+            prompt_tokens=prompt,
+            small_tokens=config.small_tokens,
+            large_tokens=config.large_tokens,
+        )
+        report.complete.append("crossover")
+    except ValueError as exc:
+        large.fit_problem = str(exc)
+    report.predicted_modes = lm.predict_modes(
+        small.fit,
+        large.fit,
+        prompt_tokens=prompt,
+        think_tokens=config.think_tokens,
+        answer_tokens=config.answer_tokens,
+        transfer_tokens=config.transfer_tokens,
+    )
+    report.complete.append("predict")
+
+
+def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker) -> None:
+    """Run ``ask`` once per mode and compare with the prediction for its token counts."""
+    config = report.config
+    seeing = small.model.has_vision and large.model.has_vision
+    image = _bench_image(config.fit_image_size, config.seed) if seeing else None
+    question = make_question(BENCH_QUESTION, image, "auto")
+    for mode in CHECK_MODES:
+        options = AskOptions(
+            mode=mode,
+            think_budget=config.think_tokens,
+            max_answer_tokens=config.answer_tokens,
+            transfer_budget=config.transfer_tokens,
+            seed=config.seed,
+        )
+        result = ask(question, options, small=small, large=large)
+        report.checks.append(_mode_check(report, result))
+        report.complete.append(f"check:{mode}")
+        tick(f"ask --mode {mode}")
+
+
+def _mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
+    """Predict ``result``'s time from the fits with the token counts it actually had."""
+    small_fit, large_fit = report.models["small"].fit, report.models["large"].fit
+    assert small_fit is not None and large_fit is not None  # checks run only with both fits
+    agent = result.large or result.small
+    assert agent is not None
+    prompt = agent.tokens["prompt"] + agent.tokens["image"]
+    small_gen = result.small.tokens["generated"] if result.small else 0
+    large_gen = result.large.tokens["generated"] if result.large else 0
+    if result.mode == "small":
+        think, answer, key = small_gen, 0, "small"
+    elif result.mode == "large-think":
+        think, answer, key = large_gen, 0, "large-think"
+    elif result.mode == "large":
+        think, answer, key = 0, large_gen, "large"
+    else:
+        think, answer, key = max(small_gen - large_gen, 0), large_gen, f"duo-{result.route}"
+    transferred = (result.transferred or {}).get("prefill_tokens", 0)
+    predicted = lm.predict_modes(
+        small_fit,
+        large_fit,
+        prompt_tokens=prompt,
+        think_tokens=think,
+        answer_tokens=answer,
+        transfer_tokens=transferred,
+    ).get(key)
+    tokens = {"prompt": prompt, "small": small_gen, "large": large_gen, "transferred": transferred}
+    return ModeCheck(result.mode, result.route, result.timings_ms["total"], predicted, tokens)

@@ -1,0 +1,209 @@
+"""``vlmduo eval DATASET``: accuracy, tokens, latency and routes per configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vlmduo.cli.bench_cmd import bar_chart, fmt_ms, is_offline, load_agents, name_list
+from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
+from vlmduo.cli.render import stderr_console
+from vlmduo.engine import EngineSettings
+from vlmduo.errors import UsageError
+from vlmduo.eval_run import EvalOutcome, EvalProgress
+from vlmduo.evaluation import TokenStats
+from vlmduo.pipeline import AskOptions
+
+HELP = """Evaluate modes, policies and selectors on a dataset, with both models loaded once.
+
+DATASET is an MMBench .tsv (index, question, hint, A-D, answer, category, base64 \
+image), a .jsonl file (image path, URL or base64; question; options; answer) or a \
+folder holding one of them. Every (configuration, item) result is appended to \
+--results as it comes, so an interrupted run continues with --resume. Rows that \
+cannot be evaluated are counted and listed, never fatal. The summary table goes \
+to stderr, --json to stdout.
+
+[bold]Examples[/]
+
+  vlmduo eval mmbench_dev_en.tsv --limit 200 --shuffle --seed 1
+
+  vlmduo eval questions.jsonl --modes large,duo --policies verify,always --selectors steps,tail
+
+  vlmduo eval mmbench_dev_en.tsv --results run1.jsonl --resume --json > summary.json
+"""
+
+
+def _results_path(results: Path | None, dataset: Path, resume: bool) -> Path:
+    """The log file; an existing one is only reused on purpose (``--resume``)."""
+    path = results or Path(f"{dataset.expanduser().resolve().name.split('.')[0]}-results.jsonl")
+    if not resume and path.exists() and path.stat().st_size > 0:
+        raise UsageError(
+            f"results file {path} already exists",
+            hint="add --resume to continue it, or pass --results NEW.jsonl",
+        )
+    return path
+
+
+def summary_table(outcome: EvalOutcome) -> Table:
+    """One row per configuration: accuracy, tokens, latency, routes."""
+    table = Table(title=f"{outcome.dataset}: {outcome.n_items} items", title_justify="left")
+    heads = ("config", "accuracy", "n", "errors", "small tok mean/med", "large tok mean/med", "p50", "p90")
+    for name in (*heads, "routes", "transferred"):
+        table.add_column(name, justify="left" if name in ("config", "routes") else "right")
+    for s in outcome.summaries:
+        routes = " ".join(f"{k}:{v}" for k, v in s.routes.items())
+        table.add_row(
+            s.config,
+            f"{s.accuracy:.1%}",
+            str(s.n),
+            str(s.n_errors),
+            _tokens(s.small_tokens),
+            _tokens(s.large_tokens),
+            fmt_ms(s.latency_p50_ms),
+            fmt_ms(s.latency_p90_ms),
+            routes,
+            "" if s.mean_transferred_tokens is None else f"{s.mean_transferred_tokens:.1f}",
+        )
+    return table
+
+
+def _tokens(stats: TokenStats | None) -> str:
+    if stats is None:
+        return "–"
+    return f"{stats.mean:.1f}/{stats.median:.0f}"
+
+
+def category_table(outcome: EvalOutcome) -> Table | None:
+    """Accuracy per category (columns) and configuration (rows), when items have categories."""
+    categories = sorted({c for s in outcome.summaries for c in s.categories})
+    if not categories:
+        return None
+    table = Table(title="Accuracy per category", title_justify="left")
+    table.add_column("config")
+    for name in categories:
+        table.add_column(escape(name), justify="right")
+    for s in outcome.summaries:
+        cells = [
+            f"{s.categories[c].accuracy:.0%} ({s.categories[c].n})" if c in s.categories else "–"
+            for c in categories
+        ]
+        table.add_row(s.config, *cells)
+    return table
+
+
+def render(console: Console, outcome: EvalOutcome) -> None:
+    """Tables, a bar chart of accuracy and latency, and the bad items, on stderr."""
+    console.print(summary_table(outcome))
+    per_category = category_table(outcome)
+    if per_category is not None:
+        console.print(per_category)
+    summaries = outcome.summaries
+    console.print(
+        bar_chart("Accuracy", [(s.config, s.accuracy, f"{s.accuracy:.1%}") for s in summaries], full=1.0)
+    )
+    latency = [(s.config, s.latency_p50_ms or 0.0, fmt_ms(s.latency_p50_ms)) for s in summaries]
+    console.print(bar_chart("Latency p50", latency))
+    bad = outcome.bad_items
+    if bad:
+        shown = "; ".join(f"{b.id}: {b.reason}" for b in bad[:5]) + (" …" if len(bad) > 5 else "")
+        console.print(f"[yellow]{len(bad)} bad item(s) skipped:[/] {escape(shown)}")
+    console.print(
+        f"[dim]{outcome.n_run} run, {outcome.n_skipped} already done, {outcome.n_errors} error(s); "
+        f"results in {escape(outcome.results_path)}[/]"
+    )
+
+
+def eval_command(
+    dataset: Annotated[Path, typer.Argument(help="MMBench .tsv, .jsonl, or a folder holding one.")],
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated: small, large, large-think, duo.")
+    ] = "small,large,large-think,duo",
+    policies: Annotated[str, typer.Option(help="Duo policies: verify, confidence, always.")] = "verify",
+    selectors: Annotated[str, typer.Option(help="Duo selectors: full, tail, steps, surprisal.")] = "steps",
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N items (after --shuffle).")] = None,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle the items first (with --seed).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --shuffle and of sampling.")] = 0,
+    results: Annotated[
+        Path | None, typer.Option(help="JSON Lines results file (default DATASET-results.jsonl).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Skip (config, item) pairs already in --results.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+    ] = False,
+    small: Annotated[str | None, typer.Option(help="Small model: registry name or .gguf path.")] = None,
+    large: Annotated[str | None, typer.Option(help="Large model: registry name or .gguf path.")] = None,
+    small_mmproj: Annotated[str | None, typer.Option(help="Projector for a --small .gguf path.")] = None,
+    large_mmproj: Annotated[str | None, typer.Option(help="Projector for a --large .gguf path.")] = None,
+    pair: Annotated[
+        str, typer.Option(help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
+    ] = "default",
+    think_budget: Annotated[int, typer.Option(help="Cap on reasoning tokens.")] = 256,
+    max_answer_tokens: Annotated[int, typer.Option(help="Cap on answer tokens.")] = 16,
+    transfer_budget: Annotated[int, typer.Option(help="Cap on transferred reasoning tokens.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    n_gpu_layers: Annotated[int, typer.Option(help="Layers to offload to the GPU (-1: all).")] = -1,
+    ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
+    offline: Annotated[bool, typer.Option(help="Never touch the network (also HF_HUB_OFFLINE=1).")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show llama.cpp's own log lines.")] = False,
+) -> None:
+    from vlmduo.cli.ask_cmd import _pair_defaults
+    from vlmduo.datasets import load_dataset
+    from vlmduo.eval_run import expand_configs, required_roles, run_eval
+    from vlmduo.evaluation import ResultsLog
+
+    configs = expand_configs(name_list(modes), name_list(policies), name_list(selectors))
+    options = AskOptions(
+        max_answer_tokens=max_answer_tokens,
+        think_budget=think_budget,
+        transfer_budget=transfer_budget,
+        seed=seed,
+    )
+    options.validate()
+    data = load_dataset(dataset, limit=limit, shuffle=shuffle, seed=seed)
+    log = ResultsLog(_results_path(results, dataset, resume))
+    console = stderr_console()
+    small_ref, large_ref = _pair_defaults(pair, small, large)
+    settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    refs = {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
+    agents = load_agents(
+        required_roles(configs), refs, settings, offline=is_offline(offline), console=console
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=len(configs) * len(data.items))
+
+        def progress(state: EvalProgress) -> None:
+            acc = state.accuracy
+            shown = "–" if acc is None else f"{acc:.1%}"
+            description = f"{state.config} · acc {shown} · errors {state.errors}"
+            bar.update(task, description=escape(description), completed=state.done)
+
+        outcome = run_eval(
+            data,
+            configs,
+            log,
+            small=agents.get("small"),
+            large=agents.get("large"),
+            options=options,
+            resume=resume,
+            progress=progress,
+        )
+    if json_out:
+        print(json.dumps(outcome.to_json(), ensure_ascii=False))
+    else:
+        render(console, outcome)
+    if outcome.interrupted:
+        console.print("[yellow]Interrupted: rerun with --resume to continue.[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` to the app."""
+    app.command("eval", help=HELP)(boundary(eval_command))
