@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated
 
 import typer
 
+from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
 from vlmduo.engine import EngineSettings
@@ -30,15 +30,6 @@ The answer goes to stdout; the timing table and progress to stderr.
 """
 
 Modes = typer.Option("--mode", help="duo (default), small, large or large-think.")
-
-
-def _pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str, str]:
-    if small is not None and large is not None:
-        return small, large
-    from vlmduo import registry
-
-    chosen = registry.load_registry().pair(pair)
-    return small or chosen.small, large or chosen.large
 
 
 def _needed_roles(mode: str) -> tuple[str, ...]:
@@ -71,32 +62,24 @@ def _load(resolved: dict, settings: EngineSettings) -> tuple[dict, dict[str, flo
 def ask(
     image: Annotated[str, typer.Argument(help="Image path, http(s) URL, or - to read stdin.")],
     question: Annotated[str, typer.Argument(help="The question about the image.")],
-    small: Annotated[
-        str | None, typer.Option(help="Small (reasoning) model: registry name or .gguf path.")
-    ] = None,
-    large: Annotated[
-        str | None, typer.Option(help="Large (answering) model: registry name or .gguf path.")
-    ] = None,
-    small_mmproj: Annotated[str | None, typer.Option(help="Projector for a --small .gguf path.")] = None,
-    large_mmproj: Annotated[str | None, typer.Option(help="Projector for a --large .gguf path.")] = None,
-    pair: Annotated[
-        str, typer.Option(help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
-    ] = "default",
+    small: opt.SmallModel = None,
+    large: opt.LargeModel = None,
+    small_mmproj: opt.SmallMmproj = None,
+    large_mmproj: opt.LargeMmproj = None,
+    pair: opt.Pair = "default",
     mode: Annotated[str, Modes] = "duo",
     policy: Annotated[str, typer.Option(help="verify, confidence or always (duo mode).")] = "verify",
     format: Annotated[
         str, typer.Option("--format", help="auto, choice, yesno, number, short or free.")
     ] = "auto",
-    max_answer_tokens: Annotated[int, typer.Option(help="Cap on answer tokens.")] = 16,
-    think_budget: Annotated[int, typer.Option(help="Cap on reasoning tokens.")] = 256,
-    transfer_budget: Annotated[int, typer.Option(help="Cap on transferred reasoning tokens.")] = 64,
+    max_answer_tokens: opt.MaxAnswerTokens = 16,
+    think_budget: opt.ThinkBudget = 256,
+    transfer_budget: opt.TransferBudget = 64,
     selector: Annotated[str, typer.Option(help="full, tail, steps or surprisal.")] = "steps",
     confidence_threshold: Annotated[
         float, typer.Option(help="Answer probability that skips the small agent (policy confidence).")
     ] = 0.8,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
-    ] = False,
+    json_out: opt.JsonOut = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Only the answer on stdout; only errors on stderr.")
     ] = False,
@@ -106,11 +89,11 @@ def ask(
     sequential: Annotated[bool, typer.Option(help="Run the two agents one after the other.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    n_gpu_layers: Annotated[int, typer.Option(help="Layers to offload to the GPU (-1: all).")] = -1,
-    ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
-    offline: Annotated[bool, typer.Option(help="Never touch the network (also HF_HUB_OFFLINE=1).")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show llama.cpp's own log lines.")] = False,
+    threads: opt.Threads = None,
+    n_gpu_layers: opt.NGpuLayers = -1,
+    ctx: opt.Ctx = 4096,
+    offline: opt.Offline = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     options = AskOptions(
         mode=mode,
@@ -130,12 +113,10 @@ def ask(
     from vlmduo.images import load_image
 
     console = stderr_console(quiet=quiet or json_out)
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    small_ref, large_ref = _pair_defaults(pair, small, large)
+    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
     loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
-    refs = {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
-    resolved = _resolve(options, refs, offline, progress=not (quiet or json_out))
+    resolved = _resolve(options, refs, opt.is_offline(offline), progress=not (quiet or json_out))
     with console.status("Loading models…") as status:
         agents, load_ms = _load(resolved, settings)
 

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from vlmduo.agents import Agent
 from vlmduo.bench import BenchConfig, BenchReport, ModeCheck, Stat
+from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
-from vlmduo.cli.render import stderr_console
+from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
 from vlmduo.engine import EngineSettings
 from vlmduo.errors import UsageError, VlmduoError
 
@@ -56,68 +53,15 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def name_list(text: str) -> list[str]:
-    """Parse ``"small,duo"`` into names, dropping blanks."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def require_matplotlib() -> None:
     """Fail before any work when ``--plot`` cannot be honoured."""
     if importlib.util.find_spec("matplotlib") is None:
         raise VlmduoError("--plot needs matplotlib, which is not installed", hint=PLOT_HINT)
 
 
-def load_agents(
-    roles: Sequence[str],
-    refs: dict[str, tuple[str, str | None]],
-    settings: EngineSettings,
-    *,
-    offline: bool,
-    console: Console,
-) -> dict[str, Agent]:
-    """Resolve and load the agents of ``roles`` (small, large), once each."""
-    from vlmduo.api import load_agent
-
-    agents = {}
-    with console.status("Loading models…"):
-        for role in roles:
-            ref, mmproj = refs[role]
-            agents[role], _ = load_agent(ref, mmproj, settings, offline=offline)
-    return agents
-
-
-def is_offline(flag: bool) -> bool:
-    """``--offline`` or HF_HUB_OFFLINE set to anything but 0."""
-    return flag or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-
-
-def fmt_ms(value: float | None) -> str:
-    """Milliseconds the way people read them: ms below 10 s, seconds above."""
-    if value is None:
-        return "–"
-    return f"{value / 1000:.2f} s" if value >= 10_000 else f"{value:.1f} ms"
-
-
 def _stat(stat: Stat) -> str:
     spread = f" \\[{stat.low:.1f}–{stat.high:.1f}]" if stat.n > 1 else ""  # rich markup: \\[ is a literal [
     return f"{stat.median:.1f}{spread}"
-
-
-def bar_chart(
-    title: str, rows: Sequence[tuple[str, float, str]], *, width: int = 36, full: float | None = None
-) -> Table:
-    """A horizontal bar per row (label, value, shown text); ``full`` (default: the largest
-    value) is a whole bar, so fractions such as accuracy can be drawn against 1."""
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, show_header=False)
-    table.add_column(no_wrap=True)
-    table.add_column(no_wrap=True)
-    table.add_column(justify="right", no_wrap=True)
-    top = full or max((v for _, v, _ in rows if v > 0), default=1.0)
-    for label, value, shown in rows:
-        eighths = round(max(value, 0.0) / top * width * 8)
-        bar = "█" * (eighths // 8) + (" ▏▎▍▌▋▊▉"[eighths % 8] if eighths % 8 else "")
-        table.add_row(label, Text(bar, style="cyan"), shown)
-    return table
 
 
 def components_table(report: BenchReport) -> Table:
@@ -272,13 +216,11 @@ def write_plot(report: BenchReport, path: Path) -> None:
 
 
 def bench(
-    small: Annotated[str | None, typer.Option(help="Small model: registry name or .gguf path.")] = None,
-    large: Annotated[str | None, typer.Option(help="Large model: registry name or .gguf path.")] = None,
-    small_mmproj: Annotated[str | None, typer.Option(help="Projector for a --small .gguf path.")] = None,
-    large_mmproj: Annotated[str | None, typer.Option(help="Projector for a --large .gguf path.")] = None,
-    pair: Annotated[
-        str, typer.Option(help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
-    ] = "default",
+    small: opt.SmallModel = None,
+    large: opt.LargeModel = None,
+    small_mmproj: opt.SmallMmproj = None,
+    large_mmproj: opt.LargeMmproj = None,
+    pair: opt.Pair = "default",
     reps: Annotated[int, typer.Option(help="Repetitions of every measurement.")] = 3,
     image_sizes: Annotated[
         str, typer.Option(help="Square image sizes in px, comma-separated.")
@@ -289,15 +231,13 @@ def bench(
     max_answer_tokens: Annotated[int, typer.Option(help="Answer tokens for predictions and checks.")] = 16,
     transfer_budget: Annotated[int, typer.Option(help="Transferred tokens for predictions.")] = 64,
     check: Annotated[bool, typer.Option(help="Measure one ask per mode against the prediction.")] = True,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
-    ] = False,
+    json_out: opt.JsonOut = False,
     plot: Annotated[Path | None, typer.Option(help="Write latency vs output tokens to this PNG.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    n_gpu_layers: Annotated[int, typer.Option(help="Layers to offload to the GPU (-1: all).")] = -1,
-    ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
-    offline: Annotated[bool, typer.Option(help="Never touch the network (also HF_HUB_OFFLINE=1).")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show llama.cpp's own log lines.")] = False,
+    threads: opt.Threads = None,
+    n_gpu_layers: opt.NGpuLayers = -1,
+    ctx: opt.Ctx = 4096,
+    offline: opt.Offline = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     if plot is not None:
         require_matplotlib()
@@ -313,15 +253,14 @@ def bench(
     )
     config.validate()
     from vlmduo.bench import run_bench
-    from vlmduo.cli.ask_cmd import _pair_defaults
 
     console = stderr_console()
-    small_ref, large_ref = _pair_defaults(pair, small, large)
+    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
-    refs = {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
-    agents = load_agents(("small", "large"), refs, settings, offline=is_offline(offline), console=console)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    agents = opt.load_agents(
+        ("small", "large"), refs, settings, offline=opt.is_offline(offline), console=console
+    )
+    with progress_bar(console) as bar:
         task = bar.add_task("bench", total=None)
 
         def progress(description: str, done: int, total: int) -> None:

@@ -9,12 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vlmduo.cli.bench_cmd import bar_chart, fmt_ms, is_offline, load_agents, name_list
+from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
-from vlmduo.cli.render import stderr_console
+from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
 from vlmduo.engine import EngineSettings
 from vlmduo.errors import UsageError
 from vlmduo.eval_run import EvalOutcome, EvalProgress
@@ -134,31 +133,26 @@ def eval_command(
         Path | None, typer.Option(help="JSON Lines results file (default DATASET-results.jsonl).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip (config, item) pairs already in --results.")] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
-    ] = False,
-    small: Annotated[str | None, typer.Option(help="Small model: registry name or .gguf path.")] = None,
-    large: Annotated[str | None, typer.Option(help="Large model: registry name or .gguf path.")] = None,
-    small_mmproj: Annotated[str | None, typer.Option(help="Projector for a --small .gguf path.")] = None,
-    large_mmproj: Annotated[str | None, typer.Option(help="Projector for a --large .gguf path.")] = None,
-    pair: Annotated[
-        str, typer.Option(help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
-    ] = "default",
-    think_budget: Annotated[int, typer.Option(help="Cap on reasoning tokens.")] = 256,
-    max_answer_tokens: Annotated[int, typer.Option(help="Cap on answer tokens.")] = 16,
-    transfer_budget: Annotated[int, typer.Option(help="Cap on transferred reasoning tokens.")] = 64,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    n_gpu_layers: Annotated[int, typer.Option(help="Layers to offload to the GPU (-1: all).")] = -1,
-    ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
-    offline: Annotated[bool, typer.Option(help="Never touch the network (also HF_HUB_OFFLINE=1).")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show llama.cpp's own log lines.")] = False,
+    json_out: opt.JsonOut = False,
+    small: opt.SmallModel = None,
+    large: opt.LargeModel = None,
+    small_mmproj: opt.SmallMmproj = None,
+    large_mmproj: opt.LargeMmproj = None,
+    pair: opt.Pair = "default",
+    think_budget: opt.ThinkBudget = 256,
+    max_answer_tokens: opt.MaxAnswerTokens = 16,
+    transfer_budget: opt.TransferBudget = 64,
+    threads: opt.Threads = None,
+    n_gpu_layers: opt.NGpuLayers = -1,
+    ctx: opt.Ctx = 4096,
+    offline: opt.Offline = False,
+    verbose: opt.Verbose = False,
 ) -> None:
-    from vlmduo.cli.ask_cmd import _pair_defaults
     from vlmduo.datasets import load_dataset
     from vlmduo.eval_run import expand_configs, required_roles, run_eval
     from vlmduo.evaluation import ResultsLog
 
-    configs = expand_configs(name_list(modes), name_list(policies), name_list(selectors))
+    configs = expand_configs(opt.name_list(modes), opt.name_list(policies), opt.name_list(selectors))
     options = AskOptions(
         max_answer_tokens=max_answer_tokens,
         think_budget=think_budget,
@@ -169,14 +163,12 @@ def eval_command(
     data = load_dataset(dataset, limit=limit, shuffle=shuffle, seed=seed)
     log = ResultsLog(_results_path(results, dataset, resume))
     console = stderr_console()
-    small_ref, large_ref = _pair_defaults(pair, small, large)
+    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
-    refs = {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
-    agents = load_agents(
-        required_roles(configs), refs, settings, offline=is_offline(offline), console=console
+    agents = opt.load_agents(
+        required_roles(configs), refs, settings, offline=opt.is_offline(offline), console=console
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("eval", total=len(configs) * len(data.items))
 
         def progress(state: EvalProgress) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -17,10 +20,34 @@ def stderr_console(quiet: bool = False) -> Console:
     return Console(stderr=True, highlight=False, quiet=quiet, soft_wrap=True)
 
 
-def _ms(value: float | None) -> str:
+def fmt_ms(value: float | None, missing: str = "–") -> str:
+    """Milliseconds the way people read them: ms below 10 s, seconds above; ``missing`` for None."""
     if value is None:
-        return ""
+        return missing
     return f"{value / 1000:.2f} s" if value >= 10_000 else f"{value:.1f} ms"
+
+
+def bar_chart(
+    title: str, rows: Sequence[tuple[str, float, str]], *, width: int = 36, full: float | None = None
+) -> Table:
+    """A horizontal bar per row (label, value, shown text); ``full`` (default: the largest
+    value) is a whole bar, so fractions such as accuracy can be drawn against 1."""
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    top = full or max((v for _, v, _ in rows if v > 0), default=1.0)
+    for label, value, shown in rows:
+        eighths = round(max(value, 0.0) / top * width * 8)
+        bar = "█" * (eighths // 8) + (" ▏▎▍▌▋▊▉"[eighths % 8] if eighths % 8 else "")
+        table.add_row(label, Text(bar, style="cyan"), shown)
+    return table
+
+
+def progress_bar(console: Console) -> Progress:
+    """A transient bar for a long run: description, bar, done/total, elapsed time."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
 
 
 def timing_table(result: AskResult) -> Table:
@@ -32,7 +59,7 @@ def timing_table(result: AskResult) -> Table:
     for role, agent in agents:
         table.add_column(f"{role} ({agent.model})", justify="right")
     for stage in AGENT_STAGES:
-        table.add_row(stage, *[_ms(a.timings_ms.get(stage)) for _, a in agents])
+        table.add_row(stage, *[fmt_ms(a.timings_ms.get(stage), missing="") for _, a in agents])
     table.add_row(
         Text("tokens p/i/g", style="dim"),
         *[Text("{prompt}/{image}/{generated}".format(**a.tokens), style="dim") for _, a in agents],
@@ -41,7 +68,11 @@ def timing_table(result: AskResult) -> Table:
     for stage in PIPELINE_STAGES:
         if stage in result.timings_ms:
             style = "bold" if stage == "total" else None
-            table.add_row(Text(stage, style=style), *pad, Text(_ms(result.timings_ms[stage]), style=style))
+            table.add_row(
+                Text(stage, style=style),
+                *pad,
+                Text(fmt_ms(result.timings_ms[stage], missing=""), style=style),
+            )
     return table
 
 

@@ -1,0 +1,104 @@
+"""Options and helpers shared by the commands that load a pair of models (ask, bench, eval).
+
+Each option is an ``Annotated`` alias naming its flag, so a command declares
+``ctx: Ctx = 4096`` and every command spells, documents and defaults it alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vlmduo.agents import Agent
+from vlmduo.engine import EngineSettings
+
+# The models: a registry pair fills in whichever of --small / --large is not given.
+SmallModel = Annotated[
+    str | None, typer.Option("--small", help="Small (reasoning) model: registry name or .gguf path.")
+]
+LargeModel = Annotated[
+    str | None, typer.Option("--large", help="Large (answering) model: registry name or .gguf path.")
+]
+SmallMmproj = Annotated[
+    str | None, typer.Option("--small-mmproj", help="Projector for a --small .gguf path.")
+]
+LargeMmproj = Annotated[
+    str | None, typer.Option("--large-mmproj", help="Projector for a --large .gguf path.")
+]
+Pair = Annotated[
+    str, typer.Option("--pair", help="Registry pair supplying the models not given.", envvar="VLMDUO_PAIR")
+]
+
+# Token budgets of one ask.
+ThinkBudget = Annotated[int, typer.Option("--think-budget", help="Cap on reasoning tokens.")]
+MaxAnswerTokens = Annotated[int, typer.Option("--max-answer-tokens", help="Cap on answer tokens.")]
+TransferBudget = Annotated[
+    int, typer.Option("--transfer-budget", help="Cap on transferred reasoning tokens.")
+]
+
+# The engine.
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
+NGpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers to offload to the GPU (-1: all).")]
+Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
+Verbose = Annotated[bool, typer.Option("--verbose/--no-verbose", help="Show llama.cpp's own log lines.")]
+
+# Network and output.
+Offline = Annotated[
+    bool, typer.Option("--offline/--no-offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+def pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str, str]:
+    """``--small`` and ``--large``, the registry pair ``pair`` filling in the ones not given."""
+    if small is not None and large is not None:
+        return small, large
+    from vlmduo import registry
+
+    chosen = registry.load_registry().pair(pair)
+    return small or chosen.small, large or chosen.large
+
+
+def model_refs(
+    pair: str,
+    small: str | None,
+    large: str | None,
+    small_mmproj: str | None,
+    large_mmproj: str | None,
+) -> dict[str, tuple[str, str | None]]:
+    """``{"small": (model, mmproj), "large": (model, mmproj)}`` from the model options."""
+    small_ref, large_ref = pair_defaults(pair, small, large)
+    return {"small": (small_ref, small_mmproj), "large": (large_ref, large_mmproj)}
+
+
+def is_offline(flag: bool) -> bool:
+    """``--offline`` or HF_HUB_OFFLINE set to anything but 0."""
+    return flag or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def name_list(text: str) -> list[str]:
+    """Parse ``"small,duo"`` into names, dropping blanks."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def load_agents(
+    roles: Sequence[str],
+    refs: dict[str, tuple[str, str | None]],
+    settings: EngineSettings,
+    *,
+    offline: bool,
+    console: Console,
+) -> dict[str, Agent]:
+    """Resolve and load the agents of ``roles`` (small, large), once each."""
+    from vlmduo.api import load_agent
+
+    agents = {}
+    with console.status("Loading models…"):
+        for role in roles:
+            ref, mmproj = refs[role]
+            agents[role], _ = load_agent(ref, mmproj, settings, offline=offline)
+    return agents
