@@ -157,3 +157,16 @@ def test_model_without_projector_refuses_images(small_files, tmp_path):
     model = VisionLanguageModel(Path(lone), None, EngineSettings(n_ctx=512))
     with pytest.raises(ModelError, match="cannot see images"):
         model.render_prompt("What is it?", image=True)
+
+
+@pytest.mark.parametrize("n_vocab", [2295, 32000, 152000])
+def test_synthetic_vocabulary_is_unique_and_loads(tmp_path, n_vocab):
+    from vlmduo.synthetic import vocabulary
+
+    pieces, scores, types = vocabulary(n_vocab)
+    assert len(pieces) == len(set(pieces)) == len(scores) == len(types) == n_vocab
+    if n_vocab == 32000:  # a realistic vocabulary size loads through llama.cpp (no abort)
+        spec = SyntheticSpec(n_vocab=n_vocab, n_embd=64, n_ff=64, n_head=4, n_head_kv=2)
+        build(spec, tmp_path / "m.gguf", tmp_path / "p.gguf")
+        model = VisionLanguageModel(tmp_path / "m.gguf", tmp_path / "p.gguf", EngineSettings(n_ctx=256))
+        assert model.n_vocab == n_vocab

@@ -10,9 +10,11 @@ studies need. Nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,8 @@ class SyntheticSpec:
             raise ValueError("v_embd must divide by v_head")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
-        if self.n_vocab < len(_base_pieces()):
-            raise ValueError(f"n_vocab must be at least {len(_base_pieces())}")
+        if not len(_base_pieces()) <= self.n_vocab <= MAX_VOCAB:
+            raise ValueError(f"n_vocab must be between {len(_base_pieces())} and {MAX_VOCAB}")
 
     @property
     def image_tokens(self) -> int:
@@ -145,6 +147,16 @@ def _base_pieces() -> list[str]:
     return specials + byte_tokens + chars
 
 
+MAX_VOCAB = 26**4
+
+
+def _filler_pieces() -> Iterator[str]:
+    letters = string.ascii_lowercase
+    for n in (3, 4):
+        for combo in itertools.product(letters, repeat=n):
+            yield "\u2581" + "".join(combo)
+
+
 def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """An SPM vocabulary: specials, byte fallback, single characters, then words.
 
@@ -166,13 +178,15 @@ def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
                 seen.add(piece)
                 extra.append(piece)
     pieces += extra
-    if len(pieces) < n_vocab:
-        pieces += [
-            f"\u2581{a}{b}{c}"
-            for a in "abcdefghij"
-            for b in string.ascii_lowercase
-            for c in string.ascii_lowercase
-        ][: n_vocab - len(pieces)]
+    # Pad with three- and four-letter pieces; a duplicate piece makes llama.cpp
+    # abort while loading (its token maps must be the same size), so skip any
+    # piece already present.
+    for filler in _filler_pieces():
+        if len(pieces) >= n_vocab:
+            break
+        if filler not in seen:
+            seen.add(filler)
+            pieces.append(filler)
     pieces = pieces[:n_vocab]
     types = []
     for piece in pieces:
