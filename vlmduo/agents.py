@@ -116,6 +116,30 @@ def _stream(
     return session.last
 
 
+def _constrained_answer(
+    session: Session,
+    agent: Agent,
+    question: Question,
+    sampling: Sampling,
+    progress: Progress | None,
+    phase: str = "answer",
+    stage: str = "decode",
+) -> Generation:
+    """Decode the short answer under the format's grammar, keeping log-probs for its probability."""
+    return _stream(
+        session,
+        agent,
+        phase,
+        sampling.max_answer_tokens,
+        progress,
+        grammar=question.grammar,
+        logprobs=True,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+        stage=stage,
+    )
+
+
 def _result(
     agent: Agent, session: Session, answer: str | None, reasoning: str | None, load_ms: float
 ) -> AgentResult:
@@ -195,17 +219,7 @@ def reason_then_answer(
     # Close the reasoning ourselves (also when the budget ran out) and force the answer.
     closer = f"\n{agent.think_end}\n\n" if agent.thinking else ANSWER_CUE
     session.append(closer, stage="prefill")
-    final = _stream(
-        session,
-        agent,
-        "answer",
-        sampling.max_answer_tokens,
-        progress,
-        grammar=question.grammar,
-        logprobs=True,
-        temperature=sampling.temperature,
-        seed=sampling.seed,
-    )
+    final = _constrained_answer(session, agent, question, sampling, progress)
     answer = _answer_from(final, question)
     if answer is None:
         answer = answers.extract_answer(reasoning, question.fmt, question.options or None)
@@ -241,17 +255,7 @@ def answer_short(
     prefix_end = session.n_past
     if agent.thinking:  # answer without thinking: close the (empty) thought first
         session.append(f"\n{agent.think_end}\n\n", stage="prefill")
-    gen = _stream(
-        session,
-        agent,
-        "answer",
-        sampling.max_answer_tokens,
-        progress,
-        grammar=question.grammar,
-        logprobs=True,
-        temperature=sampling.temperature,
-        seed=sampling.seed,
-    )
+    gen = _constrained_answer(session, agent, question, sampling, progress)
     result = _result(agent, session, _answer_from(gen, question), None, load_ms)
     result.answer_probability = _probability(gen)
     return ShortAnswer(result=result, session=session, prefix_end=prefix_end)
@@ -282,16 +286,5 @@ def transfer_answer(
     before = session.times.get("transfer_prefill")
     n_tokens = session.append(text, stage="transfer_prefill", reserve=sampling.max_answer_tokens)
     prefill_ms = session.times.get("transfer_prefill") - before
-    gen = _stream(
-        session,
-        agent,
-        "transfer",
-        sampling.max_answer_tokens,
-        progress,
-        grammar=question.grammar,
-        logprobs=True,
-        temperature=sampling.temperature,
-        seed=sampling.seed,
-        stage="answer_decode",
-    )
+    gen = _constrained_answer(session, agent, question, sampling, progress, "transfer", "answer_decode")
     return _answer_from(gen, question), prefill_ms, gen.decode_ms, n_tokens, _probability(gen)
