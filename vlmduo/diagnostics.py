@@ -7,7 +7,6 @@ the engine, the projector path and the KV reuse all work on this machine.
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -70,7 +69,7 @@ def collect(self_test: bool = True) -> Report:
     """Gather the report; with ``self_test`` also run the pipeline on synthetic models."""
     import llama_cpp
 
-    from vlmduo import synthetic
+    from vlmduo import hub, synthetic
     from vlmduo.engine import gpu_offload_supported
 
     info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
@@ -82,7 +81,7 @@ def collect(self_test: bool = True) -> Report:
         gpu_offload=gpu_offload_supported(),
         system_info=info,
         paths=_paths(synthetic.cache_root()),
-        offline=os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+        offline=hub.offline_mode(),
     )
     if self_test:
         report.self_test = run_self_test()

@@ -109,7 +109,6 @@ class VisionLanguageModel:
         self._model = None
         self._ctx = None
         self._mtmd = None
-        self._lock = threading.Lock()  # one session at a time per KV cache
         with self.load_times.measure("load"):
             self._load()
 

@@ -105,11 +105,8 @@ def make_question(text: str, image: LoadedImage | None, fmt: str) -> Question:
     """Resolve ``auto`` and parse options once, for both agents."""
     if not text.strip():
         raise UsageError("the question is empty")
-    options = answers.parse_options(text)
-    resolved = answers.infer_format(text) if fmt == "auto" else fmt
-    if resolved == "choice" and not options:
-        options = {}
-    return Question(text=text.strip(), image=image, fmt=resolved, options=options)
+    resolved = answers.resolve_format(fmt, text)
+    return Question(text=text.strip(), image=image, fmt=resolved, options=answers.parse_options(text))
 
 
 def ask(

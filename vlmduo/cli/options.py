@@ -6,7 +6,6 @@ Each option is an ``Annotated`` alias naming its flag, so a command declares
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -76,8 +75,10 @@ def model_refs(
 
 
 def is_offline(flag: bool) -> bool:
-    """``--offline`` or HF_HUB_OFFLINE set to anything but 0."""
-    return flag or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    """``--offline``, or offline by the environment as the downloader reads it."""
+    from vlmduo.hub import offline_mode
+
+    return offline_mode(flag)
 
 
 def name_list(text: str) -> list[str]:
