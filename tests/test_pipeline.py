@@ -110,7 +110,10 @@ def test_transfer_reuses_the_cached_image_and_question(agents, image):
     assert session.times.get("encode") == encode_ms and session.times.get("image") == image_ms
     assert session.n_image_tokens == image_tokens and session.n_prompt_tokens == prompt_tokens
     # the transfer prefilled exactly the inserted text plus its cue.
-    expected = len(large.model.tokenize(text + "\n\nSo the answer is: ", special=True))
+    # The transferred text is plain text (special=False), the cue is ours.
+    expected = len(large.model.tokenize(text, special=False)) + len(
+        large.model.tokenize("\n\nSo the answer is: ", special=True)
+    )
     assert n_tokens == expected
     assert session.n_past == short.prefix_end + n_tokens + len(session.last.tokens)
     assert prefill_ms > 0.0 and decode_ms > 0.0 and answer in {"A", "B", "C", "D"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmduo import answers, grammars
-from vlmduo.engine import Generation, Session, VisionLanguageModel
+from vlmduo.engine import Context, Generation, Session, VisionLanguageModel
 from vlmduo.images import LoadedImage
 
 # Called as progress(agent_name, phase, tokens_so_far) while tokens stream.
@@ -29,17 +29,27 @@ TRANSFER_CUE = "\n\nSo the answer is: "
 
 @dataclass(frozen=True)
 class Agent:
-    """A loaded model in a role, with how it marks its thinking."""
+    """A loaded model in a role, with how it marks its thinking.
+
+    ``context`` is the agent's own KV cache over the model's weights: two
+    agents on the same model never share one. Without it the model's default
+    context is used (one agent per model).
+    """
 
     model: VisionLanguageModel
     thinking: bool = False
     think_start: str = "<think>"
     think_end: str = "</think>"
+    context: Context | None = None
 
     @property
     def name(self) -> str:
         """The model's display name."""
         return self.model.name
+
+    def session(self) -> Session:
+        """A fresh conversation in this agent's context."""
+        return self.context.session() if self.context is not None else self.model.session()
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,12 @@ class ShortAnswer:
     result: AgentResult
     session: Session
     prefix_end: int  # KV position right after image + question (+ thinking opener)
+
+
+def _assistant_tail(prompt: str, agent: Agent) -> str:
+    """What the template wrote after the last thinking opener (empty when none)."""
+    at = prompt.rfind(agent.think_start)
+    return prompt[at:] if at >= 0 else ""
 
 
 def _user_text(question: Question, extra: str) -> str:
@@ -189,7 +205,7 @@ def reason_then_answer(
     )
     if agent.thinking and not prompt.rstrip().endswith(agent.think_start):
         prompt += agent.think_start + "\n"
-    session = model.session()
+    session = agent.session()
     reserve = think_budget + sampling.max_answer_tokens + 16
     session.prefill(prompt, question.image, reserve=reserve)
     stop = model.token_id(agent.think_end) if agent.thinking else None
@@ -248,12 +264,15 @@ def answer_short(
         image=question.image is not None,
         enable_thinking=False if agent.thinking else None,
     )
-    if agent.thinking and not prompt.rstrip().endswith(agent.think_start):
+    # A hybrid template rendered without thinking may already hold an empty,
+    # closed thought (Qwen3's "<think>\n\n</think>\n\n"): then nothing to add.
+    closed = agent.thinking and agent.think_end in _assistant_tail(prompt, agent)
+    if agent.thinking and not closed and not prompt.rstrip().endswith(agent.think_start):
         prompt += agent.think_start + "\n"
-    session = model.session()
+    session = agent.session()
     session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
     prefix_end = session.n_past
-    if agent.thinking:  # answer without thinking: close the (empty) thought first
+    if agent.thinking and not closed:  # answer without thinking: close the (empty) thought first
         session.append(f"\n{agent.think_end}\n\n", stage="prefill")
     gen = _constrained_answer(session, agent, question, sampling, progress)
     result = _result(agent, session, _answer_from(gen, question), None, load_ms)
@@ -279,12 +298,17 @@ def transfer_answer(
     """
     session = short.session
     session.rewind(short.prefix_end)
-    if agent.thinking:
-        text = f"{transferred_text}\n{agent.think_end}\n\n"
-    else:
-        text = f"{transferred_text}{TRANSFER_CUE}"
+    cue = f"\n{agent.think_end}\n\n" if agent.thinking else TRANSFER_CUE
     before = session.times.get("transfer_prefill")
-    n_tokens = session.append(text, stage="transfer_prefill", reserve=sampling.max_answer_tokens)
+    # The other model's text is plain text: a "<|im_end|>" it wrote must not
+    # become a control token in this model's cache. The cue is ours.
+    n_tokens = session.append(
+        transferred_text,
+        stage="transfer_prefill",
+        reserve=sampling.max_answer_tokens + agent.model.count_tokens(cue),
+        special=False,
+    )
+    n_tokens += session.append(cue, stage="transfer_prefill", reserve=sampling.max_answer_tokens)
     prefill_ms = session.times.get("transfer_prefill") - before
     gen = _constrained_answer(session, agent, question, sampling, progress, "transfer", "answer_decode")
     return _answer_from(gen, question), prefill_ms, gen.decode_ms, n_tokens, _probability(gen)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmduo.agents import Agent, Progress
-from vlmduo.engine import EngineSettings, VisionLanguageModel
+from vlmduo.engine import Context, EngineSettings, VisionLanguageModel
 from vlmduo.errors import ModelError
 from vlmduo.images import LoadedImage, load_image
 from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 
 _cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
+_contexts: dict[tuple[int, str], Context] = {}  # (id of model, role) -> the role's KV cache
 _cache_lock = threading.Lock()
 
 
@@ -105,14 +106,23 @@ def load_agent(
     *,
     offline: bool = False,
     progress: bool = True,
+    role: str = "small",
 ) -> tuple[Agent, float]:
     """Resolve (unless already resolved) and load a model as an agent; returns it and
-    its load time (0 when cached)."""
+    its load time (0 when cached).
+
+    Each ``role`` gets its own context (KV cache) over the model's weights, so
+    the same model can be the small and the large agent at once.
+    """
     resolved = (
         ref if isinstance(ref, ResolvedModel) else resolve(ref, mmproj, offline=offline, progress=progress)
     )
     model, load_ms = load_model(resolved, settings or EngineSettings())
-    agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end)
+    with _cache_lock:
+        context = _contexts.get((id(model), role))
+        if context is None:
+            context = _contexts[(id(model), role)] = model.new_context()
+    agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end, context=context)
     return agent, load_ms
 
 

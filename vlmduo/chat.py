@@ -2,9 +2,11 @@
 
 The image is passed as libmtmd's media marker inside the user's text. libmtmd
 wraps it in the model's own image tokens (``<|vision_start|>`` for Qwen,
-``<start_of_image>`` for Gemma, ...), so string content works for every family,
-including templates that only accept strings (SmolLM2's ChatML). Templates that
-only accept a list of content parts get the same text as one text part.
+``<start_of_image>`` for Gemma, ...). Templates differ in the content they
+take: some only strings (SmolLM2's ChatML), some only typed parts, and some
+(SmolVLM2's) accept a string and silently drop it. So, as llama.cpp does
+(common/jinja/caps.cpp), a render counts only when its output holds the
+question and the marker; otherwise the same text goes in as one text part.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ def _raise(message: str) -> None:
 def _environment() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # Hugging Face renders chat templates with these options and loopcontrols
+    # ({% break %}/{% continue %}), which some published templates use.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -41,23 +47,29 @@ def render(
     template: str | None,
     user_text: str,
     *,
+    media_marker: str | None = None,
     system: str | None = None,
     bos_token: str = "",
     eos_token: str = "",
     enable_thinking: bool | None = None,
 ) -> str:
-    """The prompt text up to and including the assistant's turn opening."""
+    """The prompt text up to and including the assistant's turn opening.
+
+    With ``media_marker`` the user's turn starts with it (the image), then the text.
+    """
     env = _environment()
     try:
         compiled = env.from_string(template or FALLBACK_TEMPLATE)
     except Exception as exc:
         raise ModelError(f"the model's chat template does not parse: {exc}") from exc
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    last_error: Exception | None = None
+    text = f"{media_marker}\n{user_text}" if media_marker else user_text
+    must_hold = [part for part in (user_text.strip(), media_marker) if part]
+    failure = "it dropped the question"
     for as_parts in (False, True):
-        messages = _messages(user_text, system, as_parts)
+        messages = _messages(text, system, as_parts)
         try:
-            return compiled.render(
+            out = compiled.render(
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=bos_token,
@@ -65,8 +77,11 @@ def render(
                 **extra,
             )
         except Exception as exc:  # a template may reject one content shape
-            last_error = exc
-    raise ModelError(f"the model's chat template failed to render: {last_error}")
+            failure = str(exc)
+            continue
+        if all(part in out for part in must_hold):
+            return out
+    raise ModelError(f"the model's chat template failed to render: {failure}")
 
 
 def _messages(user_text: str, system: str | None, as_parts: bool) -> list[dict[str, Any]]:

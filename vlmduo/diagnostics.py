@@ -114,8 +114,8 @@ def run_self_test(pair: str = "synthetic") -> dict[str, Any]:
     try:
         chosen = registry.load_registry().pair(pair)
         settings = EngineSettings(n_ctx=2048)
-        small, small_ms = load_agent(chosen.small, settings=settings)
-        large, large_ms = load_agent(chosen.large, settings=settings)
+        small, small_ms = load_agent(chosen.small, settings=settings, role="small")
+        large, large_ms = load_agent(chosen.large, settings=settings, role="large")
         result = answer(
             synthetic_image(128, 96),
             "Which shape is shown? A. circle B. square C. triangle",

@@ -2,7 +2,9 @@
 
 llama.cpp, ggml and libmtmd log through callbacks. We install one that keeps
 the last lines in memory, so a failure can quote llama.cpp's own reason in one
-line, and forwards them to stderr only in verbose mode.
+line, and forwards them to stderr only in verbose mode. Each line remembers the
+thread that logged it: with two models working on two threads, an error is
+explained by its own model's lines, not by the other one's.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import sys
 import threading
 
 _lock = threading.Lock()
-_recent: collections.deque[str] = collections.deque(maxlen=200)
+_recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
 _state = {"verbose": False, "installed": False}
 _callback_ref: list[object] = []  # ctypes callbacks must outlive their registration
+_ERROR_WORDS = ("error", "failed", "unable", "mismatch")
 
 
 def _on_log(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
@@ -23,7 +26,7 @@ def _on_log(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
         return
     line = text.decode("utf-8", errors="replace")
     with _lock:
-        _recent.append(line)
+        _recent.append((threading.get_ident(), line))
     if _state["verbose"]:
         sys.stderr.write(line)
 
@@ -43,18 +46,21 @@ def install(verbose: bool = False) -> None:
     _state["installed"] = True
 
 
-def last_error(default: str = "") -> str:
-    """The most recent llama.cpp line that looks like an error, stripped."""
+def _own_lines() -> list[str]:
+    me = threading.get_ident()
     with _lock:
-        lines = list(_recent)
-    for line in reversed(lines):
-        low = line.lower()
-        if "error" in low or "failed" in low or "unable" in low or "mismatch" in low:
+        return [line for thread, line in _recent if thread == me]
+
+
+def last_error(default: str = "") -> str:
+    """The most recent error-looking line logged by this thread, stripped."""
+    for line in reversed(_own_lines()):
+        if any(word in line.lower() for word in _ERROR_WORDS):
             return " ".join(line.split())
     return default
 
 
 def recent_lines(n: int = 20) -> list[str]:
-    """The last ``n`` log lines (for --verbose diagnostics and doctor)."""
+    """The last ``n`` log lines of any thread (for --verbose diagnostics and doctor)."""
     with _lock:
-        return list(_recent)[-n:]
+        return [line for _, line in list(_recent)[-n:]]

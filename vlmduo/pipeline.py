@@ -7,6 +7,7 @@ the small agent's reasoning is transferred into the large agent's response.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -159,6 +160,11 @@ def _stage1_threads(model_threads: int, sequential: bool) -> int:
     return model_threads if sequential else max(1, model_threads // 2)
 
 
+def _agent_threads(agent: Agent, sequential: bool) -> contextlib.AbstractContextManager[None]:
+    context = agent.context or agent.model.default_context
+    return context.threads(_stage1_threads(agent.model.settings.threads(), sequential))
+
+
 def _duo(
     question: Question,
     options: AskOptions,
@@ -169,8 +175,6 @@ def _duo(
     progress: Progress | None,
 ) -> AskResult:
     start = time.perf_counter()
-    for agent in (small, large):
-        agent.model.set_threads(_stage1_threads(agent.model.settings.threads(), options.sequential))
     cancel = threading.Event()
     reserve = options.transfer_budget + 8
 
@@ -204,7 +208,10 @@ def _duo(
             progress=progress,
         )
 
-    with ThreadPoolExecutor(max_workers=1 if options.sequential else 2) as pool:
+    workers = 1 if options.sequential else 2
+    with contextlib.ExitStack() as scoped, ThreadPoolExecutor(max_workers=workers) as pool:
+        for agent in (small, large):  # restored on leaving, also after an error
+            scoped.enter_context(_agent_threads(agent, options.sequential))
         # Sequential runs the large agent first: the confidence policy can then
         # skip the small one entirely, as it would cancel it when concurrent.
         large_future: Future[ShortAnswer] = pool.submit(run_large)
@@ -218,8 +225,6 @@ def _duo(
             cancel.set()
         small_result = small_future.result()
     stage1_ms = (time.perf_counter() - start) * 1000.0
-    for agent in (small, large):
-        agent.model.set_threads(agent.model.settings.threads())
     return _decide(
         question, options, small, large, sampling, short, small_result, stage1_ms, start, load_ms, progress
     )

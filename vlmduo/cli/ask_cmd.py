@@ -53,9 +53,9 @@ def _load(resolved: dict, settings: EngineSettings) -> tuple[dict, dict[str, flo
 
     agents, load_ms = {}, {}
     for role, model in resolved.items():
-        agent, ms = load_agent(model, settings=settings)
+        agent, ms = load_agent(model, settings=settings, role=role)
         agents[role] = agent
-        load_ms[agent.name] = ms
+        load_ms[agent.name] = load_ms.get(agent.name, 0.0) + ms
     return agents, load_ms
 
 

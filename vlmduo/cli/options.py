@@ -101,5 +101,5 @@ def load_agents(
     with console.status("Loading models…"):
         for role in roles:
             ref, mmproj = refs[role]
-            agents[role], _ = load_agent(ref, mmproj, settings, offline=offline)
+            agents[role], _ = load_agent(ref, mmproj, settings, offline=offline, role=role)
     return agents
