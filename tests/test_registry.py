@@ -140,7 +140,10 @@ BAD_ENTRIES = [
     pytest.param(HUB_ENTRY + 'sha256 = "abc"\n', "sha256 must be 64 hexadecimal", id="sha"),
     pytest.param(HUB_ENTRY + 'repo2 = ""\n', "unknown key 'repo2'", id="unknown-key-2"),
     pytest.param(HUB_ENTRY.replace("mine-Q4", "../mine-Q4"), "inside the repo", id="escape"),
-    pytest.param('[models.mine]\nsynthetic = { n = "x" }\n', "inline table of integers", id="synthetic"),
+    pytest.param("[models.mine]\nsynthetic = { n = [1] }\n", "numbers, strings and booleans", id="synthetic"),
+    pytest.param(
+        '[models.mine]\nsynthetic = { family = "nope" }\n', "no fixture builder", id="synthetic-family"
+    ),
     pytest.param(
         '[models.mine]\npath = "/a"\nmmproj = "/b"\nsha256 = "' + "a" * 64 + '"\n',
         "'sha256' does not apply to a local entry",

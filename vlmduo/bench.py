@@ -316,12 +316,14 @@ def _measure_prompt_and_decode(
     The session is rewound to the prefix between runs, so the image is encoded once.
     """
     session, prefix_ms = _prefix(model, config)
-    base = session.n_past
+    # Rewind by position; count context by KV cells (M-RoPE images fill more
+    # cells than they advance positions).
+    base, cells = session.n_past, session.n_kv
     fits = {s.size: s.total.median for s in bench.image}
     bench.prefix_ms = fits.get(config.fit_image_size, prefix_ms)
-    bench.prefix_tokens = base
+    bench.prefix_tokens = cells
     n_decode = max(config.decode_lengths)
-    needed = base + max(config.prompt_lengths) + n_decode + 8
+    needed = cells + max(config.prompt_lengths) + n_decode + 8
     if needed > model.n_ctx:
         raise UsageError(
             f"{model.name}: the bench needs a {needed}-token context, the model has {model.n_ctx}",
@@ -344,12 +346,12 @@ def _measure_prompt_and_decode(
             cumulative.append(_cumsum(deltas))
             tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
         bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
-        bench.decode.append(DecodePoint(base + n_tokens, n_decode, Stat.of(per_token), restarts))
+        bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
         for n in sorted(set(config.decode_lengths)):
             decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
             if decode_ms:
                 ms = bench.prefix_ms + statistics.median(prefill_ms) + statistics.median(decode_ms)
-                bench.samples.append(lm.LatencySample(base + n_tokens, n, ms))
+                bench.samples.append(lm.LatencySample(cells + n_tokens, n, ms))
 
 
 def _cumsum(values: Sequence[float]) -> list[float]:

@@ -30,6 +30,10 @@ from vlmduo.errors import UsageError
 from vlmduo.images import LoadedImage
 
 MODES = ("duo", "small", "large", "large-think")
+# Room kept for the chat template, instructions and the question when the image
+# cap is derived from the context; a longer question still gets the context error.
+PROMPT_ALLOWANCE = 256
+IMAGE_TOKENS_FLOOR = 64
 POLICIES = ("verify", "confidence", "always")
 
 
@@ -48,6 +52,13 @@ class AskOptions:
     seed: int = 0
     temperature: float = 0.0
     confidence_threshold: float = 0.8
+
+    def image_token_budget(self, n_ctx: int) -> int:
+        """The most tokens an image may take so that either agent's prompt, image and
+        budgets fit ``n_ctx`` (libmtmd downsizes larger images to this)."""
+        small_needs = self.think_budget + self.max_answer_tokens + 16
+        large_needs = self.transfer_budget + 8 + self.max_answer_tokens + 16
+        return max(IMAGE_TOKENS_FLOOR, n_ctx - PROMPT_ALLOWANCE - max(small_needs, large_needs))
 
     def validate(self) -> None:
         """Reject impossible settings before any model work."""

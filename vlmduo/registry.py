@@ -305,10 +305,17 @@ def _check_types(table: dict[str, Any], path: Path, where: str) -> None:
         raise _bad(path, where, f"role must be one of {', '.join(ROLES)}")
     synthetic = table.get("synthetic")
     if synthetic is not None and not (
-        isinstance(synthetic, dict)
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in synthetic.values())
+        isinstance(synthetic, dict) and all(isinstance(v, int | float | str) for v in synthetic.values())
     ):
-        raise _bad(path, where, "synthetic must be an inline table of integers")
+        raise _bad(path, where, "synthetic must be an inline table of numbers, strings and booleans")
+    if synthetic is not None:
+        from vlmduo.fixtures import FAMILIES  # a name table; no builder is imported
+
+        family = synthetic.get("family", "llama")
+        if family not in FAMILIES:
+            raise _bad(
+                path, where, f"synthetic family {family!r} has no fixture builder ({', '.join(FAMILIES)})"
+            )
 
 
 def _reject(table: dict[str, Any], keys: Iterable[str], path: Path, where: str, what: str) -> None:

@@ -92,6 +92,8 @@ def ask(
     threads: opt.Threads = None,
     n_gpu_layers: opt.NGpuLayers = -1,
     ctx: opt.Ctx = 4096,
+    image_max_tokens: opt.ImageMaxTokens = None,
+    image_min_tokens: opt.ImageMinTokens = None,
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
 ) -> None:
@@ -114,7 +116,15 @@ def ask(
 
     console = stderr_console(quiet=quiet or json_out)
     refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
-    settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    settings = opt.engine_settings(
+        options,
+        ctx=ctx,
+        threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        verbose=verbose,
+        image_max_tokens=image_max_tokens,
+        image_min_tokens=image_min_tokens,
+    )
     loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
     resolved = _resolve(options, refs, opt.is_offline(offline), progress=not (quiet or json_out))
     with console.status("Loading models…") as status:

@@ -14,7 +14,6 @@ from rich.table import Table
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
 from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
-from vlmduo.engine import EngineSettings
 from vlmduo.errors import UsageError
 from vlmduo.eval_run import EvalOutcome, EvalProgress
 from vlmduo.evaluation import TokenStats
@@ -145,6 +144,8 @@ def eval_command(
     threads: opt.Threads = None,
     n_gpu_layers: opt.NGpuLayers = -1,
     ctx: opt.Ctx = 4096,
+    image_max_tokens: opt.ImageMaxTokens = None,
+    image_min_tokens: opt.ImageMinTokens = None,
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
 ) -> None:
@@ -164,7 +165,15 @@ def eval_command(
     log = ResultsLog(_results_path(results, dataset, resume))
     console = stderr_console()
     refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
-    settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    settings = opt.engine_settings(
+        options,
+        ctx=ctx,
+        threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        verbose=verbose,
+        image_max_tokens=image_max_tokens,
+        image_min_tokens=image_min_tokens,
+    )
     agents = opt.load_agents(
         required_roles(configs), refs, settings, offline=opt.is_offline(offline), console=console
     )

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from vlmduo.agents import Agent
 from vlmduo.engine import EngineSettings
+from vlmduo.pipeline import AskOptions
 
 # The models: a registry pair fills in whichever of --small / --large is not given.
 SmallModel = Annotated[
@@ -43,6 +44,18 @@ TransferBudget = Annotated[
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
 NGpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers to offload to the GPU (-1: all).")]
 Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
+ImageMaxTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--image-max-tokens",
+        help="Most tokens one image may become (dynamic-resolution models such as Qwen-VL; "
+        "default: what --ctx leaves after the budgets).",
+    ),
+]
+ImageMinTokens = Annotated[
+    int | None,
+    typer.Option("--image-min-tokens", help="Fewest tokens one image becomes (default: the model's)."),
+]
 Verbose = Annotated[bool, typer.Option("--verbose/--no-verbose", help="Show llama.cpp's own log lines.")]
 
 # Network and output.
@@ -50,6 +63,29 @@ Offline = Annotated[
     bool, typer.Option("--offline/--no-offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+def engine_settings(
+    options: AskOptions,
+    *,
+    ctx: int,
+    threads: int | None,
+    n_gpu_layers: int,
+    verbose: bool,
+    image_max_tokens: int | None,
+    image_min_tokens: int | None,
+) -> EngineSettings:
+    """Engine settings of a command that asks questions; the image cap derived from --ctx."""
+    if image_max_tokens is None:
+        image_max_tokens = options.image_token_budget(ctx)
+    return EngineSettings(
+        n_ctx=ctx,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        verbose=verbose,
+        image_max_tokens=image_max_tokens,
+        image_min_tokens=-1 if image_min_tokens is None else image_min_tokens,
+    )
 
 
 def pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str, str]:
