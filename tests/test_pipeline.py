@@ -186,3 +186,30 @@ def test_bad_options_are_usage_errors(kw, message):
 def test_empty_question_is_a_usage_error(image):
     with pytest.raises(UsageError, match="empty"):
         make_question("   ", image, "auto")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected", "closed"),
+    [
+        # Qwen3-VL Thinking: the template opens the thought itself.
+        ("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n", False),
+        # A hybrid template with enable_thinking=False: already closed, nothing added.
+        (
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            True,
+        ),
+        # No opener written: we add it.
+        ("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n", False),
+        # Only the last opener counts: an earlier turn's closed thought does not.
+        (
+            "<think>a</think><|im_start|>assistant\n<think>\n",
+            "<think>a</think><|im_start|>assistant\n<think>\n",
+            False,
+        ),
+    ],
+)
+def test_open_thought(prompt, expected, closed):
+    from vlmduo.agents import open_thought
+
+    assert open_thought(prompt, "<think>", "</think>") == (expected, closed)

@@ -112,10 +112,21 @@ class ShortAnswer:
     prefix_end: int  # KV position right after image + question (+ thinking opener)
 
 
-def _assistant_tail(prompt: str, agent: Agent) -> str:
-    """What the template wrote after the last thinking opener (empty when none)."""
-    at = prompt.rfind(agent.think_start)
-    return prompt[at:] if at >= 0 else ""
+def open_thought(prompt: str, think_start: str, think_end: str) -> tuple[str, bool]:
+    """The prompt of a thinking model, ending inside its thought, and whether the
+    template already closed it.
+
+    Templates differ: Qwen3-VL Thinking's ends with ``<think>\n``; a hybrid
+    one rendered with ``enable_thinking=False`` (Qwen3's) already holds an
+    empty, closed thought ``<think>\n\n</think>\n\n``, which must not get a
+    second ``</think>``; others write no opener, so we add it.
+    """
+    at = prompt.rfind(think_start)
+    if at >= 0 and think_end in prompt[at:]:
+        return prompt, True
+    if prompt.rstrip().endswith(think_start):
+        return prompt, False
+    return prompt + think_start + "\n", False
 
 
 def _user_text(question: Question, extra: str) -> str:
@@ -203,8 +214,8 @@ def reason_then_answer(
         image=question.image is not None,
         enable_thinking=True if agent.thinking else None,
     )
-    if agent.thinking and not prompt.rstrip().endswith(agent.think_start):
-        prompt += agent.think_start + "\n"
+    if agent.thinking:
+        prompt, _ = open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session()
     reserve = think_budget + sampling.max_answer_tokens + 16
     session.prefill(prompt, question.image, reserve=reserve)
@@ -264,11 +275,9 @@ def answer_short(
         image=question.image is not None,
         enable_thinking=False if agent.thinking else None,
     )
-    # A hybrid template rendered without thinking may already hold an empty,
-    # closed thought (Qwen3's "<think>\n\n</think>\n\n"): then nothing to add.
-    closed = agent.thinking and agent.think_end in _assistant_tail(prompt, agent)
-    if agent.thinking and not closed and not prompt.rstrip().endswith(agent.think_start):
-        prompt += agent.think_start + "\n"
+    closed = False
+    if agent.thinking:
+        prompt, closed = open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session()
     session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
     prefix_end = session.n_past
