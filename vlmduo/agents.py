@@ -12,11 +12,13 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmduo import answers, grammars
 from vlmduo.engine import Context, Generation, Session, VisionLanguageModel
-from vlmduo.images import LoadedImage
+
+if TYPE_CHECKING:
+    from vlmduo.images import LoadedImage
 
 # Called as progress(agent_name, phase, tokens_so_far) while tokens stream.
 Progress = Callable[[str, str, int], None]

@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmduo import answers, selection
 from vlmduo.agents import (
@@ -27,7 +27,9 @@ from vlmduo.agents import (
     transfer_answer,
 )
 from vlmduo.errors import UsageError
-from vlmduo.images import LoadedImage
+
+if TYPE_CHECKING:
+    from vlmduo.images import LoadedImage
 
 MODES = ("duo", "small", "large", "large-think")
 # Room kept for the chat template, instructions and the question when the image

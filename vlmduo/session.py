@@ -21,13 +21,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vlmduo import llama_logs
 from vlmduo.errors import ContextOverflowError, EngineError, ModelError
 from vlmduo.timing import StageTimes
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vlmduo.engine import VisionLanguageModel
     from vlmduo.images import LoadedImage
 
@@ -425,6 +425,7 @@ def _make_sampler(model: VisionLanguageModel, grammar: str | None, temperature: 
 
 def _logits(ctx: Context) -> np.ndarray:
     import llama_cpp
+    import numpy as np
 
     ptr = llama_cpp.llama_get_logits_ith(ctx._ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(ctx.model.n_vocab,))
@@ -432,6 +433,8 @@ def _logits(ctx: Context) -> np.ndarray:
 
 def _logprob(ctx: Context, token: int) -> float:
     """log p(token) under the model's raw next-token distribution (before any grammar)."""
+    import numpy as np
+
     logits = _logits(ctx)
     top = float(logits.max())
     lse = top + float(np.log(np.exp(logits - top).sum()))

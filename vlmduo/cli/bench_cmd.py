@@ -5,19 +5,21 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from vlmduo.bench import BenchConfig, BenchReport, ModeCheck, Stat
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
 from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
 from vlmduo.engine import EngineSettings
 from vlmduo.errors import UsageError, VlmduoError
+
+if TYPE_CHECKING:  # the core loads numpy: imported when the command runs, not for --help
+    from vlmduo.bench import BenchReport, ModeCheck, Stat
 
 HELP = """Measure where a pair's latency goes, fit a latency model and show the crossover.
 
@@ -239,6 +241,8 @@ def bench(
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
 ) -> None:
+    from vlmduo.bench import BenchConfig
+
     if plot is not None:
         require_matplotlib()
     config = BenchConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,9 +15,11 @@ from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
 from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
 from vlmduo.errors import UsageError
-from vlmduo.eval_run import EvalOutcome, EvalProgress
-from vlmduo.evaluation import TokenStats
 from vlmduo.pipeline import AskOptions
+
+if TYPE_CHECKING:  # imported when the command runs, not for --help
+    from vlmduo.eval_run import EvalOutcome, EvalProgress
+    from vlmduo.evaluation import TokenStats
 
 HELP = """Evaluate modes, policies and selectors on a dataset, with both models loaded once.
 

@@ -7,14 +7,16 @@ Each option is an ``Annotated`` alias naming its flag, so a command declares
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from vlmduo.agents import Agent
 from vlmduo.engine import EngineSettings
 from vlmduo.pipeline import AskOptions
+
+if TYPE_CHECKING:
+    from vlmduo.agents import Agent
 
 # The models: a registry pair fills in whichever of --small / --large is not given.
 SmallModel = Annotated[
