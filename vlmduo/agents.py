@@ -207,9 +207,15 @@ def reason_then_answer(
     load_ms: float = 0.0,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
+    reasoning_logprobs: bool = False,
 ) -> AgentResult:
     """Reason (inside thinking markers, or step by step) for at most ``think_budget``
-    tokens, close the reasoning, then decode a constrained answer."""
+    tokens, close the reasoning, then decode a constrained answer.
+
+    ``reasoning_logprobs`` keeps each reasoning token's log-probability (the
+    ``surprisal`` selector reads them); off, no softmax over the vocabulary is
+    paid per token.
+    """
     model = agent.model
     prompt = model.render_prompt(
         _user_text(question, "" if agent.thinking else STEP_BY_STEP),
@@ -228,7 +234,7 @@ def reason_then_answer(
         "reason",
         think_budget,
         progress,
-        logprobs=True,
+        logprobs=reasoning_logprobs,
         stop_tokens=() if stop is None else (stop,),
         temperature=sampling.temperature,
         seed=sampling.seed,
@@ -236,7 +242,7 @@ def reason_then_answer(
     )
     pieces, logprobs = list(thought.pieces), list(thought.logprobs)
     if thought.stop_reason == "stop":  # the closing marker itself is not reasoning
-        pieces, logprobs = pieces[:-1], logprobs[:-1]
+        pieces, logprobs = pieces[:-1], logprobs[: len(pieces) - 1]
     reasoning = "".join(pieces)
     if agent.thinking and agent.think_end in reasoning:
         reasoning = reasoning.split(agent.think_end)[0]

@@ -12,6 +12,7 @@ loaded once per process and kept: a second question pays no load.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 
 _cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
 _contexts: dict[tuple[int, str], Context] = {}  # (id of model, role) -> the role's KV cache
+_key_locks: dict[tuple[str, str, EngineSettings], threading.Lock] = {}
 _cache_lock = threading.Lock()
 
 
@@ -88,15 +90,42 @@ def _sibling_mmproj(path: Path) -> Path | None:
 
 
 def load_model(resolved: ResolvedModel, settings: EngineSettings) -> tuple[VisionLanguageModel, float]:
-    """Load (or reuse) a model; returns it and the milliseconds this call spent loading."""
+    """Load (or reuse) a model; returns it and the milliseconds this call spent loading.
+
+    Different models load in parallel (llama.cpp's load is mostly I/O and page
+    faults, and ctypes releases the GIL); the same model twice waits for the first.
+    """
     key = (str(resolved.model_path), str(resolved.mmproj_path), settings)
     with _cache_lock:
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
         cached = _cache.get(key)
         if cached is not None:
             return cached, 0.0
         model = VisionLanguageModel(resolved.model_path, resolved.mmproj_path, settings, name=resolved.name)
-        _cache[key] = model
+        with _cache_lock:
+            _cache[key] = model
         return model, model.load_times.get("load")
+
+
+def load_agents(
+    resolved: dict[str, ResolvedModel], settings: EngineSettings
+) -> tuple[dict[str, Agent], dict[str, float]]:
+    """Load the agents of several roles at once (one thread per role).
+
+    Returns the agents by role and load milliseconds by model name.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, len(resolved))) as pool:
+        futures = {
+            role: pool.submit(load_agent, model, settings=settings, role=role)
+            for role, model in resolved.items()
+        }
+        loaded = {role: future.result() for role, future in futures.items()}
+    agents = {role: agent for role, (agent, _) in loaded.items()}
+    load_ms: dict[str, float] = {}
+    for agent, ms in loaded.values():
+        load_ms[agent.name] = load_ms.get(agent.name, 0.0) + ms
+    return agents, load_ms
 
 
 def load_agent(
@@ -121,7 +150,12 @@ def load_agent(
     with _cache_lock:
         context = _contexts.get((id(model), role))
         if context is None:
-            context = _contexts[(id(model), role)] = model.new_context()
+            # The first role takes the context the model already made at load (a
+            # KV cache is large: 576 MB at 4096 tokens on an 8B model); a second
+            # role on the same weights gets its own.
+            taken = any(key[0] == id(model) for key in _contexts)
+            context = model.new_context() if taken else model.default_context
+            _contexts[(id(model), role)] = context
     agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end, context=context)
     return agent, load_ms
 

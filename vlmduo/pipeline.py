@@ -209,6 +209,7 @@ def _duo(
             load_ms=load_ms.get(small.name, 0.0),
             cancel=cancel,
             progress=progress,
+            reasoning_logprobs=options.selector == "surprisal",
         )
 
     def run_large() -> ShortAnswer:
@@ -289,7 +290,7 @@ def _decide(
         t0 = time.perf_counter()
         chosen = selection.select_key_reasoning(
             small_result.reasoning_pieces,
-            small_result.reasoning_logprobs,
+            small_result.reasoning_logprobs or None,
             question.text,
             options.selector,
             options.transfer_budget,

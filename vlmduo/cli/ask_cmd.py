@@ -11,7 +11,6 @@ import typer
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
-from vlmduo.engine import EngineSettings
 from vlmduo.pipeline import AskOptions
 
 HELP = """Ask QUESTION about IMAGE (a path, an http(s) URL, or - for stdin).
@@ -46,17 +45,6 @@ def _resolve(
         role: resolve(refs[role][0], refs[role][1], offline=offline, progress=progress)
         for role in _needed_roles(options.mode)
     }
-
-
-def _load(resolved: dict, settings: EngineSettings) -> tuple[dict, dict[str, float]]:
-    from vlmduo.api import load_agent
-
-    agents, load_ms = {}, {}
-    for role, model in resolved.items():
-        agent, ms = load_agent(model, settings=settings, role=role)
-        agents[role] = agent
-        load_ms[agent.name] = load_ms.get(agent.name, 0.0) + ms
-    return agents, load_ms
 
 
 def ask(
@@ -111,7 +99,7 @@ def ask(
         confidence_threshold=confidence_threshold,
     )
     options.validate()
-    from vlmduo.api import answer
+    from vlmduo.api import answer, load_agents
     from vlmduo.images import load_image
 
     console = stderr_console(quiet=quiet or json_out)
@@ -128,7 +116,7 @@ def ask(
     loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
     resolved = _resolve(options, refs, opt.is_offline(offline), progress=not (quiet or json_out))
     with console.status("Loading models…") as status:
-        agents, load_ms = _load(resolved, settings)
+        agents, load_ms = load_agents(resolved, settings)
 
         def progress(agent: str, phase: str, tokens: int) -> None:
             status.update(f"{agent}: {phase} · {tokens} tokens")

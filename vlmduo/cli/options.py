@@ -132,12 +132,10 @@ def load_agents(
     offline: bool,
     console: Console,
 ) -> dict[str, Agent]:
-    """Resolve and load the agents of ``roles`` (small, large), once each."""
-    from vlmduo.api import load_agent
+    """Resolve and load the agents of ``roles`` (small, large), once each, at once."""
+    from vlmduo import api
 
-    agents = {}
+    resolved = {role: api.resolve(*refs[role], offline=offline) for role in roles}
     with console.status("Loading models…"):
-        for role in roles:
-            ref, mmproj = refs[role]
-            agents[role], _ = load_agent(ref, mmproj, settings, offline=offline, role=role)
+        agents, _ = api.load_agents(resolved, settings)
     return agents
