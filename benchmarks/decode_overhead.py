@@ -95,7 +95,7 @@ def baseline_decode(model: VisionLanguageModel, n_tokens: int, stamps: list[floa
     """
     import llama_cpp
 
-    ctx = model._ctx
+    ctx = model.default_context._ctx
     sample = llama_cpp.llama_sampler_sample
     decode = llama_cpp.llama_decode
     clock = time.perf_counter

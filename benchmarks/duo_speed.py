@@ -207,9 +207,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def costs() -> None:
         for agent, label in ((small, "small"), (large, "large")):
-            agent.model.set_threads(1)
-            samples.add(f"{label}_decode_1t", per_token_costs(agent.model, question)[1])
-            agent.model.set_threads(cores)  # as the pipeline leaves it after stage 1
+            with agent.model.default_context.threads(1):
+                samples.add(f"{label}_decode_1t", per_token_costs(agent.model, question)[1])
             prefill, decode, n = per_token_costs(agent.model, question)
             samples.add(f"{label}_prefill", prefill)
             samples.add(f"{label}_decode", decode)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli
@@ -169,3 +171,30 @@ def test_doctor_self_test_on_synthetic_models(isolated_env):
     assert data["backend"] in {"CPU", "CUDA", "Metal", "Vulkan"} or "+" in data["backend"]
     assert data["offline"] is True
     assert data["versions"]["llama-cpp-python"] != "not installed"
+
+
+@pytest.mark.parametrize(
+    ("info", "env", "expected"),
+    [
+        ("CPU : AVX2 = 1 | OPENMP = 1 |", {}, "libgomp default waits"),
+        ("CPU : AVX2 = 1 | OPENMP = 1 |", {"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE (yours)"),
+        ("CPU : AVX2 = 1 | OPENMP = 1 |", {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=1000 (yours)"),
+        ("CPU : AVX2 = 1 |", {}, "ggml thread pool"),
+    ],
+)
+def test_doctor_threading_policy_line(info, env, expected):
+    from vlmduo.diagnostics import threading_policy
+
+    line = threading_policy(info, env)
+    assert expected in line and "splits the" in line
+
+
+def test_importing_vlmduo_leaves_the_environment_alone(isolated_env):
+    # A library must not change its host's process state at import.
+    code = (
+        "import os; before = dict(os.environ); import vlmduo, vlmduo.api, vlmduo.engine; "
+        "print(before == dict(os.environ))"
+    )
+    env = {k: v for k, v in isolated_env.items() if k != "OMP_WAIT_POLICY"}  # 0.1 set it at import
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr

@@ -7,6 +7,7 @@ the engine, the projector path and the KV reuse all work on this machine.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -31,6 +32,7 @@ class Report:
     system_info: str
     paths: dict[str, str]
     offline: bool
+    threading: str = ""
     self_test: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -48,6 +50,7 @@ class Report:
             "system_info": self.system_info,
             "paths": self.paths,
             "offline": self.offline,
+            "threading": self.threading,
             "self_test": self.self_test,
         }
 
@@ -63,6 +66,27 @@ def backend_name(system_info: str) -> str:
     """The accelerator llama.cpp was built with, from its system info line."""
     found = [name for name in GPU_BACKENDS if f"{name} :" in system_info or f"{name}:" in system_info]
     return " + ".join(found) if found else "CPU"
+
+
+def threading_policy(system_info: str, environ: dict[str, str] | None = None) -> str:
+    """How llama.cpp's threads wait and share the cores, in one line.
+
+    vlmduo leaves the OpenMP wait policy to libgomp's default (spin briefly,
+    then sleep): measured by benchmarks/threading_policy.py, PASSIVE cost
+    multi-threaded decode 40-65%, and the concurrent duo does not collapse
+    because the two agents split the cores instead of oversubscribing them.
+    """
+    env = os.environ if environ is None else environ
+    cores = os.cpu_count() or 1
+    split = f"duo splits the {cores} cores {max(1, cores // 2)}+{max(1, cores // 2)} while both agents run"
+    if "OPENMP = 1" not in system_info:
+        return f"ggml thread pool (no OpenMP); {split}"
+    policy = env.get("OMP_WAIT_POLICY")
+    spin = env.get("GOMP_SPINCOUNT")
+    waits = f"OMP_WAIT_POLICY={policy} (yours)" if policy else "libgomp default waits (spin, then sleep)"
+    if spin:
+        waits += f", GOMP_SPINCOUNT={spin} (yours)"
+    return f"OpenMP: {waits}; {split}"
 
 
 def collect(self_test: bool = True) -> Report:
@@ -82,6 +106,7 @@ def collect(self_test: bool = True) -> Report:
         system_info=info,
         paths=_paths(synthetic.cache_root()),
         offline=hub.offline_mode(),
+        threading=threading_policy(info),
     )
     if self_test:
         report.self_test = run_self_test()

@@ -52,6 +52,7 @@ def _render(report) -> None:
     for name, path in report.paths.items():
         table.add_row(name, path)
     table.add_row("offline", "yes (HF_HUB_OFFLINE)" if report.offline else "no")
+    table.add_row("threading", report.threading)
     test = report.self_test
     if test:
         if test.get("ok"):
