@@ -105,7 +105,9 @@ def test_transfer_reuses_the_cached_image_and_question(agents, image):
     encode_ms, image_ms = session.times.get("encode"), session.times.get("image")
     prompt_tokens, image_tokens = session.n_prompt_tokens, session.n_image_tokens
     text = "The animal has whiskers and pointed ears, so it is a cat."
-    answer, prefill_ms, decode_ms, n_tokens, _ = transfer_answer(large, short, q, text, Sampling())
+    done = transfer_answer(large, short, q, text, Sampling())
+    answer, n_tokens = done.answer, done.prefill_tokens
+    prefill_ms, decode_ms = done.prefill_ms, done.decode_ms
     # No second encode or image preprocess, no re-prefill of the question:
     assert session.times.get("encode") == encode_ms and session.times.get("image") == image_ms
     assert session.n_image_tokens == image_tokens and session.n_prompt_tokens == prompt_tokens

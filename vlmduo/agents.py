@@ -1,18 +1,22 @@
 """The two agent roles: one that reasons then answers, one that answers short.
 
-Both run on a ``VisionLanguageModel`` and report per-stage timings and token
-counts. The short-answer agent keeps its session and the position of its cached
-image+question prefix, so the duo pipeline can insert transferred reasoning
-there without re-encoding the image or re-prefilling the question.
+The pipeline talks to an agent through ``AgentLike``: ``reason``,
+``answer_short``, ``transfer``, ``count_tokens`` and ``stage1_threads``. The
+local ``Agent`` runs a ``VisionLanguageModel`` and reports per-stage timings
+and token counts; its short answer keeps its session and the position of its
+cached image+question prefix, so the transfer inserts reasoning there without
+re-encoding the image or re-prefilling the question. ``vlmduo.testing``
+has a scripted agent for tests of routes, probabilities, slow stages and
+failures.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vlmduo import answers, grammars
 from vlmduo.engine import Context, Generation, Session, VisionLanguageModel
@@ -49,9 +53,54 @@ class Agent:
         """The model's display name."""
         return self.model.name
 
-    def session(self) -> Session:
+    def session(self, cancel: threading.Event | None = None) -> Session:
         """A fresh conversation in this agent's context."""
-        return self.context.session() if self.context is not None else self.model.session()
+        return (self.context or self.model.default_context).session(cancel)
+
+    def count_tokens(self, text: str) -> int:
+        """What ``text`` costs this agent's model, as plain text."""
+        return self.model.count_tokens(text)
+
+    def stage1_threads(self, sequential: bool) -> contextlib.AbstractContextManager[None]:
+        """While both agents run at once they split the cores; restored on leaving."""
+        threads = self.model.settings.threads()
+        n = threads if sequential else max(1, threads // 2)
+        return (self.context or self.model.default_context).threads(n)
+
+    def reason(self, question: Question, sampling: Sampling, think_budget: int, **kwargs: Any) -> AgentResult:
+        """``reason_then_answer`` with this agent."""
+        return reason_then_answer(self, question, sampling, think_budget, **kwargs)
+
+    def answer_short(self, question: Question, sampling: Sampling, **kwargs: Any) -> ShortAnswer:
+        """``answer_short`` with this agent."""
+        return answer_short(self, question, sampling, **kwargs)
+
+    def transfer(
+        self, short: ShortAnswer, question: Question, text: str, sampling: Sampling, **kwargs: Any
+    ) -> Transfer:
+        """``transfer_answer`` with this agent."""
+        return transfer_answer(self, short, question, text, sampling, **kwargs)
+
+
+class AgentLike(Protocol):
+    """What the pipeline needs of an agent (local, scripted, or later remote)."""
+
+    name: str
+    thinking: bool
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def stage1_threads(self, sequential: bool) -> contextlib.AbstractContextManager[None]: ...
+
+    def reason(
+        self, question: Question, sampling: Sampling, think_budget: int, **kwargs: Any
+    ) -> AgentResult: ...
+
+    def answer_short(self, question: Question, sampling: Sampling, **kwargs: Any) -> ShortAnswer: ...
+
+    def transfer(
+        self, short: ShortAnswer, question: Question, text: str, sampling: Sampling, **kwargs: Any
+    ) -> Transfer: ...
 
 
 @dataclass(frozen=True)
@@ -107,11 +156,24 @@ class AgentResult:
 
 @dataclass
 class ShortAnswer:
-    """A short-answer agent's result plus the live session for a later transfer."""
+    """A short-answer agent's result plus what a later transfer needs: for a local
+    agent its live session and the position right after image + question."""
 
     result: AgentResult
-    session: Session
-    prefix_end: int  # KV position right after image + question (+ thinking opener)
+    session: Session | None = None
+    prefix_end: int = 0
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The large agent's answer after the transferred reasoning was inserted."""
+
+    answer: str | None
+    prefill_ms: float
+    decode_ms: float
+    prefill_tokens: int  # transferred text plus the cue that closes it
+    answer_tokens: int
+    probability: float | None
 
 
 def open_thought(prompt: str, think_start: str, think_end: str) -> tuple[str, bool]:
@@ -195,7 +257,9 @@ def _answer_from(gen: Generation, question: Question) -> str | None:
 
 
 def _probability(gen: Generation) -> float | None:
-    return math.exp(sum(gen.logprobs)) if gen.logprobs else None
+    # The constrained answer's probability, its end included (Session.stream):
+    # tokens the grammar forbids carry no mass, forced tokens count 1.
+    return gen.probability
 
 
 def reason_then_answer(
@@ -224,7 +288,7 @@ def reason_then_answer(
     )
     if agent.thinking:
         prompt, _ = open_thought(prompt, agent.think_start, agent.think_end)
-    session = agent.session()
+    session = agent.session(cancel)
     reserve = think_budget + sampling.max_answer_tokens + 16
     session.prefill(prompt, question.image, reserve=reserve)
     stop = model.token_id(agent.think_end) if agent.thinking else None
@@ -238,7 +302,6 @@ def reason_then_answer(
         stop_tokens=() if stop is None else (stop,),
         temperature=sampling.temperature,
         seed=sampling.seed,
-        cancel=cancel,
     )
     pieces, logprobs = list(thought.pieces), list(thought.logprobs)
     if thought.stop_reason == "stop":  # the closing marker itself is not reasoning
@@ -271,6 +334,7 @@ def answer_short(
     *,
     reserve: int = 0,
     load_ms: float = 0.0,
+    cancel: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> ShortAnswer:
     """Encode the image, prefill the question and decode a short constrained answer.
@@ -286,7 +350,7 @@ def answer_short(
     closed = False
     if agent.thinking:
         prompt, closed = open_thought(prompt, agent.think_start, agent.think_end)
-    session = agent.session()
+    session = agent.session(cancel)
     session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
     prefix_end = session.n_past
     if agent.thinking and not closed:  # answer without thinking: close the (empty) thought first
@@ -305,15 +369,16 @@ def transfer_answer(
     sampling: Sampling,
     *,
     progress: Progress | None = None,
-) -> tuple[str | None, float, float, int, float | None]:
+) -> Transfer:
     """Insert ``transferred_text`` into the large agent's response after its cached
     prefix and decode a constrained answer.
 
-    Returns (answer, transfer_prefill_ms, answer_decode_ms, transferred_tokens,
-    answer_probability). Only the inserted tokens and the answer are new work:
-    the image and the question stay in the KV cache.
+    Only the inserted tokens and the answer are new work: the image and the
+    question stay in the KV cache.
     """
     session = short.session
+    if session is None:
+        raise ValueError("this short answer kept no session to transfer into")
     session.rewind(short.prefix_end)
     cue = f"\n{agent.think_end}\n\n" if agent.thinking else TRANSFER_CUE
     before = session.times.get("transfer_prefill")
@@ -328,4 +393,5 @@ def transfer_answer(
     n_tokens += session.append(cue, stage="transfer_prefill", reserve=sampling.max_answer_tokens)
     prefill_ms = session.times.get("transfer_prefill") - before
     gen = _constrained_answer(session, agent, question, sampling, progress, "transfer", "answer_decode")
-    return _answer_from(gen, question), prefill_ms, gen.decode_ms, n_tokens, _probability(gen)
+    answer = _answer_from(gen, question)
+    return Transfer(answer, prefill_ms, gen.decode_ms, n_tokens, len(gen.tokens), _probability(gen))

@@ -108,6 +108,23 @@ def load_model(resolved: ResolvedModel, settings: EngineSettings) -> tuple[Visio
         return model, model.load_times.get("load")
 
 
+def unload(model: VisionLanguageModel) -> bool:
+    """Drop ``model`` from the cache and free it (its agents' contexts too).
+
+    Returns False when it was not cached. Agents that still hold it fail with
+    a one-line "closed" error rather than touching freed memory.
+    """
+    with _cache_lock:
+        keys = [key for key, cached in _cache.items() if cached is model]
+        for key in keys:
+            del _cache[key]
+        for key in [key for key in _contexts if key[0] == id(model)]:
+            del _contexts[key]
+    if keys:
+        model.close()
+    return bool(keys)
+
+
 def load_agents(
     resolved: dict[str, ResolvedModel], settings: EngineSettings
 ) -> tuple[dict[str, Agent], dict[str, float]]:

@@ -53,6 +53,12 @@ class EngineError(VlmduoError):
     """llama.cpp reported a failure (non-zero return code)."""
 
 
+class Cancelled(VlmduoError):
+    """The work was cancelled (Ctrl-C, the other agent failed, or a confident answer)."""
+
+    exit_code = 130
+
+
 class DownloadError(VlmduoError):
     """A download from the Hugging Face Hub failed."""
 

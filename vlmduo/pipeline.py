@@ -10,27 +10,25 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from vlmduo import answers, selection
+from vlmduo import answers, selection, workers
 from vlmduo.agents import (
-    Agent,
+    AgentLike,
     AgentResult,
     Progress,
     Question,
     Sampling,
     ShortAnswer,
-    answer_short,
-    reason_then_answer,
-    transfer_answer,
 )
-from vlmduo.errors import UsageError
+from vlmduo.errors import Cancelled, UsageError
 
 if TYPE_CHECKING:
     from vlmduo.images import LoadedImage
 
+T = TypeVar("T")
 MODES = ("duo", "small", "large", "large-think")
 # Room kept for the chat template, instructions and the question when the image
 # cap is derived from the context; a longer question still gets the context error.
@@ -127,20 +125,27 @@ def ask(
     question: Question,
     options: AskOptions,
     *,
-    small: Agent | None = None,
-    large: Agent | None = None,
+    small: AgentLike | None = None,
+    large: AgentLike | None = None,
     load_ms: dict[str, float] | None = None,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> AskResult:
-    """Answer ``question`` in ``options.mode`` with the agents it needs."""
+    """Answer ``question`` in ``options.mode`` with the agents it needs.
+
+    The agents run on worker threads; this thread waits. Setting ``cancel``
+    (or Ctrl-C here, or a failure of either agent) stops every agent at its
+    next token, prefill batch or graph node, and the first error is raised.
+    """
     options.validate()
     load_ms = load_ms or {}
+    cancel = cancel or threading.Event()
     sampling = Sampling(options.temperature, options.seed, options.max_answer_tokens)
     start = time.perf_counter()
     if options.mode == "duo":
         if small is None or large is None:
             raise UsageError("duo mode needs both a small and a large model")
-        return _duo(question, options, small, large, sampling, load_ms, progress)
+        return _duo(question, options, small, large, sampling, load_ms, progress, cancel)
     agent = small if options.mode == "small" else large
     if agent is None:
         raise UsageError(
@@ -148,11 +153,21 @@ def ask(
         )
     load = load_ms.get(agent.name, 0.0)
     if options.mode == "large":
-        result = answer_short(agent, question, sampling, load_ms=load, progress=progress).result
-    else:
-        result = reason_then_answer(
-            agent, question, sampling, options.think_budget, load_ms=load, progress=progress
+        work = workers.spawn(
+            agent.answer_short, question, sampling, load_ms=load, cancel=cancel, progress=progress
         )
+        result = _wait(work, cancel).result
+    else:
+        work = workers.spawn(
+            agent.reason,
+            question,
+            sampling,
+            options.think_budget,
+            load_ms=load,
+            cancel=cancel,
+            progress=progress,
+        )
+        result = _wait(work, cancel)
     wall = (time.perf_counter() - start) * 1000.0
     timings = {"total": round(wall + load, 3), "critical_path": round(wall, 3)}
     return AskResult(
@@ -168,79 +183,124 @@ def ask(
     )
 
 
-def _stage1_threads(model_threads: int, sequential: bool) -> int:
-    # Two agents at once split the cores; one after the other each gets them all.
-    return model_threads if sequential else max(1, model_threads // 2)
-
-
-def _agent_threads(agent: Agent, sequential: bool) -> contextlib.AbstractContextManager[None]:
-    context = agent.context or agent.model.default_context
-    return context.threads(_stage1_threads(agent.model.settings.threads(), sequential))
+def _wait(work: Future[T], cancel: threading.Event) -> T:
+    """The worker's result; on Ctrl-C or an error, cancel it first."""
+    try:
+        return work.result()
+    except BaseException as exc:
+        cancel.set()
+        workers.settle([work], timeout=0.5 if isinstance(exc, KeyboardInterrupt) else None)
+        raise
 
 
 def _duo(
     question: Question,
     options: AskOptions,
-    small: Agent,
-    large: Agent,
+    small: AgentLike,
+    large: AgentLike,
     sampling: Sampling,
     load_ms: dict[str, float],
     progress: Progress | None,
+    cancel: threading.Event,
 ) -> AskResult:
     start = time.perf_counter()
-    cancel = threading.Event()
-    reserve = options.transfer_budget + 8
-
-    def run_small() -> AgentResult:
-        if cancel.is_set():  # sequential + confident: never start the small agent
-            return AgentResult(
-                model=small.name,
-                answer=None,
-                reasoning=None,
-                tokens={"prompt": 0, "image": 0, "generated": 0},
-                timings_ms={"load": load_ms.get(small.name, 0.0)},
-                cancelled=True,
-            )
-        return reason_then_answer(
-            small,
-            question,
-            sampling,
-            options.think_budget,
-            load_ms=load_ms.get(small.name, 0.0),
-            cancel=cancel,
-            progress=progress,
-            reasoning_logprobs=options.selector == "surprisal",
-        )
-
-    def run_large() -> ShortAnswer:
-        return answer_short(
-            large,
-            question,
-            sampling,
-            reserve=reserve,
-            load_ms=load_ms.get(large.name, 0.0),
-            progress=progress,
-        )
-
-    workers = 1 if options.sequential else 2
-    with contextlib.ExitStack() as scoped, ThreadPoolExecutor(max_workers=workers) as pool:
+    with contextlib.ExitStack() as scoped:
         for agent in (small, large):  # restored on leaving, also after an error
-            scoped.enter_context(_agent_threads(agent, options.sequential))
-        # Sequential runs the large agent first: the confidence policy can then
-        # skip the small one entirely, as it would cancel it when concurrent.
-        large_future: Future[ShortAnswer] = pool.submit(run_large)
-        if options.sequential:
-            short = large_future.result()
-            if _confident(options, short):
-                cancel.set()
-        small_future: Future[AgentResult] = pool.submit(run_small)
-        short = large_future.result()
-        if _confident(options, short):
-            cancel.set()
-        small_result = small_future.result()
+            scoped.enter_context(agent.stage1_threads(options.sequential))
+        short, small_result = _stage1(question, options, small, large, sampling, load_ms, progress, cancel)
     stage1_ms = (time.perf_counter() - start) * 1000.0
     return _decide(
-        question, options, small, large, sampling, short, small_result, stage1_ms, start, load_ms, progress
+        question,
+        options,
+        small,
+        large,
+        sampling,
+        short,
+        small_result,
+        stage1_ms,
+        start,
+        load_ms,
+        progress,
+        cancel,
+    )
+
+
+def _stage1(
+    question: Question,
+    options: AskOptions,
+    small: AgentLike,
+    large: AgentLike,
+    sampling: Sampling,
+    load_ms: dict[str, float],
+    progress: Progress | None,
+    cancel: threading.Event,
+) -> tuple[ShortAnswer, AgentResult]:
+    """Both agents' first answers. The first failure (or Ctrl-C) cancels the other
+    agent and is raised once both have stopped; a confident large answer cancels
+    the small agent (sequential: never starts it)."""
+    confident = threading.Event()  # cancels the small agent only
+    small_load = load_ms.get(small.name, 0.0)
+
+    def run_small() -> AgentResult:
+        try:
+            if confident.is_set():
+                raise Cancelled(f"{small.name}: not needed")
+            return small.reason(
+                question,
+                sampling,
+                options.think_budget,
+                load_ms=small_load,
+                cancel=workers.AnyOf(cancel, confident),
+                progress=progress,
+                reasoning_logprobs=options.selector == "surprisal",
+            )
+        except Cancelled:
+            if cancel.is_set() or not confident.is_set():
+                raise
+            return _skipped(small.name, small_load)
+
+    def run_large() -> ShortAnswer:
+        reserve = options.transfer_budget + 8
+        load = load_ms.get(large.name, 0.0)
+        return large.answer_short(
+            question, sampling, reserve=reserve, load_ms=load, cancel=cancel, progress=progress
+        )
+
+    futures: list[Future[Any]] = []
+    try:
+        # Sequential runs the large agent first: the confidence policy can then
+        # skip the small one entirely, as it would cancel it when concurrent.
+        large_future = workers.spawn(run_large, name="vlmduo-large")
+        futures.append(large_future)
+        if options.sequential:
+            workers.first_error(futures)
+            if _confident(options, large_future.result()):
+                confident.set()
+        small_future = workers.spawn(run_small, name="vlmduo-small")
+        futures.append(small_future)
+        workers.first_error(futures, until=large_future)
+        short = large_future.result()
+        if _confident(options, short):
+            confident.set()
+        workers.first_error(futures)
+        return short, small_future.result()
+    except BaseException as exc:
+        cancel.set()
+        # Both agents stop at their next token, batch or graph node; after
+        # Ctrl-C wait only briefly: an image encode cannot be interrupted.
+        workers.settle(futures, timeout=0.5 if isinstance(exc, KeyboardInterrupt) else None)
+        raise
+
+
+def _skipped(name: str, load: float) -> AgentResult:
+    """The small agent's result when a confident large answer made it unnecessary."""
+    return AgentResult(
+        model=name,
+        answer=None,
+        reasoning=None,
+        tokens={"prompt": 0, "image": 0, "generated": 0},
+        timings_ms={"load": load},
+        cancelled=True,
     )
 
 
@@ -265,8 +325,8 @@ def _confident(options: AskOptions, short: ShortAnswer) -> bool:
 def _decide(
     question: Question,
     options: AskOptions,
-    small: Agent,
-    large: Agent,
+    small: AgentLike,
+    large: AgentLike,
     sampling: Sampling,
     short: ShortAnswer,
     small_result: AgentResult,
@@ -274,6 +334,7 @@ def _decide(
     start: float,
     load_ms: dict[str, float],
     progress: Progress | None,
+    cancel: threading.Event,
 ) -> AskResult:
     large_result = short.result
     opts = question.options or None
@@ -294,23 +355,24 @@ def _decide(
             question.text,
             options.selector,
             options.transfer_budget,
-            count_tokens=large.model.count_tokens,
+            count_tokens=large.count_tokens,
         )
         timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
-        answer, prefill_ms, decode_ms, n_tokens, _prob = transfer_answer(
-            large, short, question, chosen.text, sampling, progress=progress
-        )
-        timings["transfer_prefill"] = round(prefill_ms, 3)
-        timings["answer_decode"] = round(decode_ms, 3)
+        work = workers.spawn(large.transfer, short, question, chosen.text, sampling, progress=progress)
+        done = _wait(work, cancel)
+        answer = done.answer
+        timings["transfer_prefill"] = round(done.prefill_ms, 3)
+        timings["answer_decode"] = round(done.decode_ms, 3)
         # tokens: the transferred text in the large model's tokens (<= budget);
         # prefill_tokens adds the closing cue, i.e. all the large model prefilled.
         transferred = {
             "selector": chosen.selector,
             "tokens": chosen.tokens,
             "text": chosen.text,
-            "prefill_tokens": n_tokens,
+            "prefill_tokens": done.prefill_tokens,
             # the large model's answer after the transfer (its stage-1 answer is in "large")
-            "answer_tokens": len(short.session.last.tokens),
+            "answer_tokens": done.answer_tokens,
+            "answer_probability": done.probability,
         }
     wall = (time.perf_counter() - start) * 1000.0
     load = sum(load_ms.get(a.name, 0.0) for a in (small, large))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmduo import llama_logs
-from vlmduo.errors import ContextOverflowError, EngineError, ModelError
+from vlmduo.errors import Cancelled, ContextOverflowError, EngineError, ModelError
 from vlmduo.timing import StageTimes
 
 if TYPE_CHECKING:
@@ -51,6 +52,16 @@ class Generation:
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str = "length"  # eog | length | stop | cancelled | context
     decode_ms: float = 0.0
+    # log p(end of generation) at the step that ended it (eog only), under the
+    # same distribution as ``logprobs``: the answer's end is part of the answer.
+    end_logprob: float | None = None
+
+    @property
+    def probability(self) -> float | None:
+        """The probability of the whole sequence, its end included (needs logprobs)."""
+        if not self.logprobs and self.end_logprob is None:
+            return None
+        return math.exp(sum(self.logprobs) + (self.end_logprob or 0.0))
 
     @property
     def text(self) -> str:
@@ -87,12 +98,36 @@ class Context:
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, 1), 0, 1)
         self._current: Session | None = None
 
-    def session(self) -> Session:
-        """A fresh conversation; the previous session of this context becomes stale."""
+    def session(self, cancel: threading.Event | None = None) -> Session:
+        """A fresh conversation; the previous session of this context becomes stale.
+
+        ``cancel``, once set, stops the session's work at the next token, prefill
+        batch or graph node (llama.cpp's abort callback) with ``Cancelled``.
+        """
         if not self._ctx:
             raise ModelError(f"{self.model.name}: this context is closed")
-        self._current = Session(self)
+        self._current = Session(self, cancel)
         return self._current
+
+    @contextlib.contextmanager
+    def abortable(self, cancel: threading.Event | None) -> Iterator[None]:
+        """Let ``cancel`` abort a running ``llama_decode`` inside the block.
+
+        The callback runs once per graph node: cheap against a prefill batch,
+        not against one decoded token, so it is installed for prefills only.
+        """
+        import llama_cpp
+
+        if cancel is None:
+            yield
+            return
+        callback = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
+        llama_cpp.llama_set_abort_callback(self._ctx, callback, None)
+        try:
+            yield
+        finally:
+            if self._ctx:
+                llama_cpp.llama_set_abort_callback(self._ctx, llama_cpp.ggml_abort_callback(), None)
 
     def is_current(self, session: Session) -> bool:
         """True while ``session`` is this context's live conversation."""
@@ -140,11 +175,12 @@ class Session:
     ``n_past`` is the next position; ``n_kv`` the KV cells in use.
     """
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, cancel: threading.Event | None = None) -> None:
         import llama_cpp
 
         self.context = context
         self.model = context.model
+        self.cancel = cancel
         self.times = StageTimes()
         self.n_past = 0
         self.n_prompt_tokens = 0
@@ -162,7 +198,12 @@ class Session:
     def _live(self) -> Context:
         if not self.context.is_current(self):
             raise EngineError(f"{self.model.name}: this session is stale (a newer one took its context)")
+        self._check_cancel()
         return self.context
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"{self.model.name}: cancelled")
 
     # -- prompt ----------------------------------------------------------------
     def prefill(self, prompt: str, image: LoadedImage | None = None, *, reserve: int = 0) -> None:
@@ -184,8 +225,10 @@ class Session:
             with self.times.measure("image"):
                 self._tokenize(chunks, prompt, image)
             self._check_fits(mtmd.mtmd_helper_get_n_tokens(chunks), reserve)
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                self._eval_chunk(mtmd.mtmd_input_chunks_get(chunks, i))
+            with self.context.abortable(self.cancel):
+                for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                    self._check_cancel()  # between chunks: an image encode is not abortable
+                    self._eval_chunk(mtmd.mtmd_input_chunks_get(chunks, i))
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         if image is not None:
@@ -252,6 +295,7 @@ class Session:
                 self._images.append(_ImageSpan(self.n_past, new_past.value, n_tokens))
             self.n_image_tokens += n_tokens
         if rc != 0:
+            self._check_cancel()  # an abort through the callback fails the decode
             raise EngineError(
                 f"llama.cpp failed to prefill the prompt (code {rc}): " + llama_logs.last_error()
             )
@@ -271,8 +315,9 @@ class Session:
             return 0
         self._check_fits(len(tokens), reserve)
         batch, step = self.context._batch, self.context.n_batch
-        with self.times.measure(stage):
+        with self.times.measure(stage), self.context.abortable(self.cancel if len(tokens) > 1 else None):
             for start in range(0, len(tokens), step):
+                self._check_cancel()
                 n = min(step, len(tokens) - start)
                 for j in range(n):
                     batch.token[j] = tokens[start + j]
@@ -317,6 +362,7 @@ class Session:
 
         rc = llama_cpp.llama_decode(self.context._ctx, batch)
         if rc != 0:
+            self._check_cancel()
             raise EngineError(f"llama_decode failed (code {rc}): " + llama_logs.last_error())
 
     # -- generation --------------------------------------------------------------
@@ -338,12 +384,19 @@ class Session:
         back, so the caller decides what follows it; end-of-generation tokens
         end it without being yielded. ``self.last`` holds the collected
         generation and its ``stop_reason`` when the stream ends.
+
+        ``logprobs`` are under the distribution sampled from: with a grammar,
+        the model's distribution renormalised over the tokens the grammar
+        allows at that step (a forced token has probability 1), so a
+        constrained answer's probability means what it says.
         """
         import llama_cpp
 
         ctx = self._live()
         model = self.model
-        sampler = _make_sampler(model, grammar, temperature, seed)
+        cancel = cancel or self.cancel
+        constrained = _ConstrainedSampler(ctx, grammar, temperature, seed) if grammar and logprobs else None
+        sampler = None if constrained else _make_sampler(model, grammar, temperature, seed)
         stops = set(stop_tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         batch = ctx._batch
@@ -354,11 +407,15 @@ class Session:
                 if cancel is not None and cancel.is_set():
                     self.last.stop_reason = "cancelled"
                     break
-                token = llama_cpp.llama_sampler_sample(sampler, ctx._ctx, -1)
+                if constrained is not None:
+                    token, lp = constrained.sample()
+                else:
+                    token = llama_cpp.llama_sampler_sample(sampler, ctx._ctx, -1)
+                    lp = _logprob(ctx, token) if logprobs else None
                 if model.is_eog(token):
                     self.last.stop_reason = "eog"
+                    self.last.end_logprob = lp
                     break
-                lp = _logprob(ctx, token) if logprobs else None
                 text = decoder.decode(model.piece(token))
                 self._record(token, text, lp)
                 event = TokenEvent(token, text, lp, 0.0)
@@ -379,7 +436,10 @@ class Session:
             elapsed = (time.perf_counter() - start) * 1000.0
             self.last.decode_ms = elapsed
             self.times.add(stage, elapsed)
-            llama_cpp.llama_sampler_free(sampler)
+            if constrained is not None:
+                constrained.close()
+            else:
+                llama_cpp.llama_sampler_free(sampler)
 
     def generate(self, max_tokens: int, **kwargs: object) -> Generation:
         """Run ``stream`` to the end and return what it generated."""
@@ -403,16 +463,34 @@ def _stamped(event: TokenEvent, start: float) -> TokenEvent:
     return TokenEvent(event.token, event.text, event.logprob, (time.perf_counter() - start) * 1000.0)
 
 
+def _grammar_sampler(model: VisionLanguageModel, grammar: str) -> object:
+    import llama_cpp
+
+    g = llama_cpp.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+    if not g:
+        raise EngineError("llama.cpp rejected the answer grammar: " + llama_logs.last_error())
+    return g
+
+
 def _make_sampler(model: VisionLanguageModel, grammar: str | None, temperature: float, seed: int) -> object:
     import llama_cpp
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if grammar:
-        g = llama_cpp.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
-        if not g:
+        try:
+            g = _grammar_sampler(model, grammar)
+        except EngineError:
             llama_cpp.llama_sampler_free(chain)
-            raise EngineError("llama.cpp rejected the answer grammar: " + llama_logs.last_error())
+            raise
         llama_cpp.llama_sampler_chain_add(chain, g)
+    _add_selection(chain, temperature, seed)
+    return chain
+
+
+def _add_selection(chain: object, temperature: float, seed: int) -> None:
+    """Greedy at temperature 0, else top-k 40, top-p 0.95, temperature, seeded draw."""
+    import llama_cpp
+
     if temperature <= 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
     else:
@@ -420,7 +498,54 @@ def _make_sampler(model: VisionLanguageModel, grammar: str | None, temperature: 
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-    return chain
+
+
+class _ConstrainedSampler:
+    """Grammar-constrained sampling that also reports the constrained log-probability.
+
+    What ``llama_sampler_sample`` does with a [grammar, selection] chain, in
+    two steps over our own candidate array: the grammar masks the logits, the
+    log-probability is read from the masked (renormalised) distribution, then
+    the selection samplers pick. Used for short answers only (a few tokens).
+    """
+
+    def __init__(self, ctx: Context, grammar: str, temperature: float, seed: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self.ctx = ctx
+        self.grammar = _grammar_sampler(ctx.model, grammar)
+        self.select = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        _add_selection(self.select, temperature, seed)
+        n = ctx.model.n_vocab
+        self.ids = np.arange(n, dtype=np.int32)
+        self.cand = np.zeros(n, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+    def sample(self) -> tuple[int, float]:
+        """The next token and its log-probability among the tokens the grammar allows."""
+        import llama_cpp
+        import numpy as np
+
+        cand = self.cand
+        cand["id"], cand["logit"], cand["p"] = self.ids, _logits(self.ctx), 0.0
+        data = cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        cur = llama_cpp.llama_token_data_array(data=data, size=len(cand), selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        masked = cand["logit"].copy()  # in id order: neither sampler has reordered yet
+        llama_cpp.llama_sampler_apply(self.select, ctypes.byref(cur))
+        token = int(cand["id"][cur.selected])
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.select, token)
+        allowed = masked[np.isfinite(masked)]
+        top = float(allowed.max())
+        return token, float(masked[token]) - (top + float(np.log(np.exp(allowed - top).sum())))
+
+    def close(self) -> None:
+        """Free both samplers."""
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(self.grammar)
+        llama_cpp.llama_sampler_free(self.select)
 
 
 def _logits(ctx: Context) -> np.ndarray:

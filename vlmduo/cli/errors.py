@@ -53,7 +53,15 @@ def boundary(func: F) -> F:
             return func(*args, **kwargs)
         except (typer.Exit, SystemExit):
             raise
-        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the CLI boundary
+        except KeyboardInterrupt as exc:
+            code = report(exc)
+            # Agents were told to stop, but one may sit in an image encode that
+            # cannot be interrupted: leave now, as llama.cpp's own tools do on
+            # SIGINT, instead of joining it (and running exit handlers under it).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        except Exception as exc:  # noqa: BLE001 - the CLI boundary
             raise typer.Exit(report(exc)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -1,0 +1,60 @@
+"""Run agent work off the main thread, so Ctrl-C and failures are seen at once.
+
+A long ``llama_decode`` or image encode holds the calling thread in C, where
+Python cannot deliver KeyboardInterrupt. So the pipeline runs each agent on a
+worker thread and the main thread only waits, interruptibly. Workers are
+daemon threads: after Ctrl-C the process can exit without joining a worker
+that is still inside an uninterruptible image encode.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class AnyOf:
+    """A cancel flag set when any of its events is (what sessions read: ``is_set``)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        """True once any of the events is set."""
+        return any(event.is_set() for event in self.events)
+
+
+def spawn(fn: Callable[..., T], *args: Any, name: str = "vlmduo-worker", **kwargs: Any) -> Future[T]:
+    """Start ``fn(*args, **kwargs)`` on a daemon thread; its result or exception in a Future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def first_error(futures: list[Future[Any]], until: Future[Any] | None = None) -> None:
+    """Wait until ``until`` is done (default: all of ``futures``), raising the first
+    exception any of them raised meanwhile."""
+    pending = set(futures)
+    while pending and not (until is not None and until.done()):
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+
+def settle(futures: list[Future[Any]], timeout: float | None = None) -> None:
+    """Wait for workers to stop (after a cancel), ignoring their outcome."""
+    wait(futures, timeout=timeout)
