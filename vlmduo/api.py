@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmduo.agents import Agent, Progress
+from vlmduo.agents import Agent, AgentLike, Progress
 from vlmduo.engine import Context, EngineSettings, VisionLanguageModel
 from vlmduo.errors import ModelError
 from vlmduo.images import LoadedImage, load_image
@@ -182,14 +182,18 @@ def answer(
     question: str,
     options: AskOptions | None = None,
     *,
-    small: Agent | None = None,
-    large: Agent | None = None,
+    small: AgentLike | None = None,
+    large: AgentLike | None = None,
     load_ms: dict[str, float] | None = None,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> AskResult:
-    """Answer ``question`` about ``image`` (a path, URL, a loaded image, or None)."""
+    """Answer ``question`` about ``image`` (a path, URL, a loaded image, or None).
+
+    Setting ``cancel`` from another thread stops the work and raises ``Cancelled``.
+    """
     options = options or AskOptions()
     options.validate()
     loaded = load_image(image) if isinstance(image, str) else image
     q = make_question(question, loaded, options.fmt)
-    return ask(q, options, small=small, large=large, load_ms=load_ms, progress=progress)
+    return ask(q, options, small=small, large=large, load_ms=load_ms, progress=progress, cancel=cancel)
