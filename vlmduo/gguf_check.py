@@ -41,7 +41,7 @@ def read_info(path: Path, *, kind: str = "model") -> GgufInfo:
     _check_file(path, kind)
     try:
         header = gguf_meta.read_header(path)
-    except (gguf_meta.GgufFormatError, ValueError, OverflowError) as exc:
+    except (gguf_meta.GgufFormatError, ValueError, OverflowError, OSError) as exc:
         raise ModelError(f"{kind} file is corrupt or truncated: {path} ({exc})") from exc
     _check_complete(header, path, kind)
     arch = str(header.get("general.architecture") or "unknown")
@@ -85,22 +85,9 @@ def _check_file(path: Path, kind: str) -> None:
 def _check_complete(header: gguf_meta.GgufHeader, path: Path, kind: str) -> None:
     """Every tensor's bytes must lie inside the file (catches interrupted copies)."""
     size = os.path.getsize(path)
-    end = max((header.data_start + t.offset + _n_bytes(t) for t in header.tensors), default=0)
+    end = max((header.data_start + t.offset + t.n_bytes for t in header.tensors), default=0)
     if end > size:
         raise ModelError(
             f"{kind} file is truncated: {path} has {size} bytes, its tensors need {end}",
             hint="download it again (vlmduo pull resumes)",
         )
-
-
-def _n_bytes(tensor: gguf_meta.TensorInfo) -> int:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
-    except (ValueError, KeyError):
-        return 0  # a type newer than our gguf package: llama.cpp checks bounds itself
-    n = 1
-    for dim in tensor.shape:
-        n *= dim
-    return n // block * type_size

@@ -31,9 +31,11 @@ def _on_log(level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
         sys.stderr.write(line)
 
 
-def install(verbose: bool = False) -> None:
-    """Route llama.cpp, ggml and libmtmd logs through us (idempotent)."""
-    _state["verbose"] = verbose
+def install(verbose: bool | None = None) -> None:
+    """Route llama.cpp, ggml and libmtmd logs through us (idempotent); ``verbose``
+    also echoes them to stderr (None leaves that as it was)."""
+    if verbose is not None:
+        _state["verbose"] = verbose
     if _state["installed"]:
         return
     import llama_cpp
