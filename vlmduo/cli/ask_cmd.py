@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vlmduo.cli import batch as many
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
+from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vlmduo.engine import EngineSettings
+    from vlmduo.pipeline import AskResult
 
 HELP = """Ask QUESTION about IMAGE (a path, an http(s) URL, or - for stdin).
 
@@ -26,6 +34,11 @@ The answer goes to stdout; the timing table and progress to stderr.
   cat scan.png | vlmduo ask - "What does the sign say?" --mode large -q
 
   vlmduo ask photo.jpg "Is it raining?" --pair synthetic   (random weights, no download)
+
+  vlmduo ask --each photos/ "Is there a dog?" > answers.jsonl   (models loaded once)
+
+A running `vlmduo serve` for the same models answers instead (no load); --no-server \
+answers in this process.
 """
 
 Modes = typer.Option("--mode", help="duo (default), small, large or large-think.")
@@ -48,8 +61,12 @@ def _resolve(
 
 
 def ask(
-    image: Annotated[str, typer.Argument(help="Image path, http(s) URL, or - to read stdin.")],
-    question: Annotated[str, typer.Argument(help="The question about the image.")],
+    image: Annotated[
+        str | None, typer.Argument(help="Image path, http(s) URL, or - to read stdin.", show_default=False)
+    ] = None,
+    question: Annotated[
+        str | None, typer.Argument(help="The question about the image.", show_default=False)
+    ] = None,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
     small_mmproj: opt.SmallMmproj = None,
@@ -84,6 +101,9 @@ def ask(
     image_min_tokens: opt.ImageMinTokens = None,
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
+    no_server: many.NoServer = False,
+    each: many.Each = None,
+    batch: many.Batch = None,
 ) -> None:
     options = AskOptions(
         mode=mode,
@@ -99,9 +119,11 @@ def ask(
         confidence_threshold=confidence_threshold,
     )
     options.validate()
-    from vlmduo.api import answer, load_agents
-    from vlmduo.images import load_image
-
+    if each is None and batch is None and (image is None or question is None):
+        raise UsageError(
+            f"missing {'IMAGE and QUESTION' if image is None else 'QUESTION'}",
+            hint='vlmduo ask IMAGE QUESTION, e.g. vlmduo ask photo.jpg "What is this?"',
+        )
     console = stderr_console(quiet=quiet or json_out)
     refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     settings = opt.engine_settings(
@@ -113,7 +135,21 @@ def ask(
         image_max_tokens=image_max_tokens,
         image_min_tokens=image_min_tokens,
     )
-    loaded_image = load_image(image, stdin=sys.stdin.buffer if image == "-" else None)
+    if each is not None or batch is not None:
+        raise typer.Exit(
+            _ask_many(image, question, each, batch, options, refs, settings, offline, no_server, quiet)
+        )
+    stdin = sys.stdin.buffer if image == "-" else None
+    if not no_server:
+        served = many.through_server(image, question, options, refs, settings, console, stdin)
+        if served.result is not None:
+            _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
+            return
+        stdin = served.stdin  # the image's bytes, when they were read for the server already
+    from vlmduo.api import answer, load_agents
+    from vlmduo.images import load_image
+
+    loaded_image = load_image(image, stdin=stdin)
     resolved = _resolve(options, refs, opt.is_offline(offline), progress=not (quiet or json_out))
     with console.status("Loading models…") as status:
         agents, load_ms = load_agents(resolved, settings)
@@ -130,13 +166,49 @@ def ask(
             load_ms=load_ms,
             progress=progress,
         )
+    _render(result, json_out, show_reasoning_flag, console)
+
+
+def _render(
+    result: AskResult, json_out: bool, show_reasoning_flag: bool, console: Console, caption: str | None = None
+) -> None:
+    """The answer (or the JSON object) on stdout; reasoning and the timing table on stderr."""
     if json_out:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return
     print(result.answer if result.answer is not None else "")
     if show_reasoning_flag:
         show_reasoning(console, result)
-    console.print(timing_table(result))
+    table = timing_table(result)
+    table.caption = caption  # who answered, when a server did
+    table.caption_justify = "left"
+    console.print(table)
+
+
+def _ask_many(
+    image: str | None,
+    question: str | None,
+    each: str | None,
+    batch: str | None,
+    options: AskOptions,
+    refs: dict[str, tuple[str, str | None]],
+    settings: EngineSettings,
+    offline: bool,
+    no_server: bool,
+    quiet: bool,
+) -> int:
+    """``--each`` / ``--batch``: one JSON line per item on stdout; the exit code."""
+    items, total = many.many_items(image, question, each, batch)
+    return many.run_many(
+        items,
+        total,
+        options=options,
+        refs=refs,
+        settings=settings,
+        offline=opt.is_offline(offline),
+        no_server=no_server,
+        console=stderr_console(quiet=quiet),
+    )
 
 
 def register(app: typer.Typer) -> None:
