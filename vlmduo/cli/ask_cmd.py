@@ -136,6 +136,10 @@ def ask(
         image_min_tokens=image_min_tokens,
     )
     if each is not None or batch is not None:
+        if show_reasoning_flag:
+            raise UsageError(
+                "--show-reasoning does not go with --each or --batch: each JSON line has the reasoning"
+            )
         raise typer.Exit(
             _ask_many(image, question, each, batch, options, refs, settings, offline, no_server, quiet)
         )

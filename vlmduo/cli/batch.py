@@ -84,12 +84,16 @@ class Served:
 
 
 def find_server(
-    refs: dict[str, tuple[str, str | None]], options: AskOptions, settings: EngineSettings
+    refs: dict[str, tuple[str, str | None]], options: AskOptions, settings: EngineSettings, console: Console
 ) -> Any:
-    """The running server that serves what this ask needs with these settings (a Match)."""
+    """The running server that serves what this ask needs with these settings (a Match);
+    one still loading the models is waited for."""
     from vlmduo.serve import runtime
 
-    return runtime.find_server(refs, _roles(options.mode), runtime.engine_fields(settings))
+    def waiting(record: ServerRecord) -> None:
+        console.print(f"[dim]Waiting for the server at {record.url} to load the models…[/]")
+
+    return runtime.find_server(refs, _roles(options.mode), runtime.engine_fields(settings), on_wait=waiting)
 
 
 def through_server(
@@ -107,7 +111,7 @@ def through_server(
     """
     from vlmduo.serve import client
 
-    match = find_server(refs, options, settings)
+    match = find_server(refs, options, settings, console)
     if match.record is None:
         if match.note:
             console.print(f"[dim]Note: {match.note}[/]")
@@ -272,7 +276,7 @@ def run_many(
     console: Console,
 ) -> int:
     """Answer every item, one JSON line each on stdout as it completes; 1 if any failed."""
-    match = None if no_server else find_server(refs, options, settings)
+    match = None if no_server else find_server(refs, options, settings, console)
     if match is not None and match.record is None and match.note:
         console.print(f"[dim]Note: {match.note}[/]")
     if match is not None and match.record is not None:

@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from vlmduo import __version__, answers, workers
 from vlmduo.errors import VlmduoError
-from vlmduo.serve import openai_api, wire
+from vlmduo.serve import inputs, openai_api, wire
 from vlmduo.serve.host import PairHost, QueueFull
 from vlmduo.serve.openai_api import ApiError
 
@@ -172,7 +172,7 @@ class _Api:
             version=__version__,
             engine=self.config.engine,
             limits=self.config.limits.to_json(),
-            models_ids=openai_api.model_ids(self.pair),
+            model_ids=openai_api.model_ids(self.pair),
         )
         return JSONResponse(body)
 
@@ -200,7 +200,7 @@ class _Api:
         thread; the place is given up if the image is refused."""
         ticket = self._admit()
         try:
-            decoding = workers.spawn(wire.decode_image, image_spec, self.config.limits, name="vlmduo-image")
+            decoding = workers.spawn(inputs.decode_image, image_spec, self.config.limits, name="vlmduo-image")
             return ticket, await asyncio.wrap_future(decoding)
         except BaseException:
             self.host.queue.withdraw(ticket)
@@ -222,7 +222,7 @@ class _Api:
 
     async def native_ask(self, request: Request) -> JSONResponse:
         body = await _read_json(request, self.config.limits.max_body_bytes)
-        ask = wire.parse_native(body)
+        ask = inputs.parse_native(body)
         if ask.engine is not None and ask.engine != self.config.engine:
             raise ApiError(
                 409,

@@ -47,12 +47,15 @@ class Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         # No read timeout on asks (a long reasoning is legitimate; Ctrl-C ends it, and
         # the server cancels the work when the connection closes). Proxies from the
-        # environment are ignored: the server is local.
+        # environment are ignored: the server is local. Its URL is plain http, so no
+        # TLS is ever negotiated: verify=False only skips loading a CA bundle that
+        # would never be used (about 90 ms of every `vlmduo ask`).
         self._http = httpx.Client(
             base_url=record.url,
             headers=headers,
             timeout=httpx.Timeout(None, connect=5.0),
             trust_env=False,
+            verify=False,
         )
 
     def close(self) -> None:

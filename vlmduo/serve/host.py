@@ -145,6 +145,7 @@ class PairHost:
         self.keep_alive_s = keep_alive_s
         self.queue = EngineQueue(max_waiting)
         self._loader = loader or self._load_engine
+        self._show_progress = True  # download bars on the first load only (at start-up)
         self._unloader = unloader or _unload_engine
         self._agents: dict[str, AgentLike] | None = None
         self._names: dict[str, str] = {}
@@ -154,14 +155,15 @@ class PairHost:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.loads = 0
-        self.answered = 0
+        self.asks = 0
 
     # -- loading ---------------------------------------------------------------
     def _load_engine(self) -> tuple[dict[str, AgentLike], dict[str, float]]:
         from vlmduo import api
 
+        progress, self._show_progress = self._show_progress, False
         resolved = {
-            role: api.resolve(model, mmproj, offline=self.spec.offline, progress=False)
+            role: api.resolve(model, mmproj, offline=self.spec.offline, progress=progress)
             for role, (model, mmproj) in self.spec.refs.items()
         }
         return api.load_agents(resolved, self.spec.settings)  # type: ignore[return-value]
@@ -235,7 +237,7 @@ class PairHost:
                     )
                 finally:
                     self._last_used = time.monotonic()
-                    self.answered += 1
+                    self.asks += 1
         finally:
             with self._lock:
                 self._active.discard(cancel)
@@ -294,7 +296,7 @@ class PairHost:
             "waiting": self.queue.waiting,
             "max_waiting": self.queue.max_waiting,
             "loads": self.loads,
-            "answered": self.answered,
+            "asks": self.asks,
         }
 
 

@@ -145,6 +145,10 @@ def parse_chat(body: dict[str, Any], pair: str) -> ChatRequest:
     """Validate a ``POST /v1/chat/completions`` body; ApiError (400/404) on any mistake."""
     mode = mode_of(body.get("model"), pair)
     question, image_url = _one_user_turn(body.get("messages"))
+    if not question.strip():
+        raise ApiError(
+            400, "the question is empty: send text with the image", param="messages", code="invalid_value"
+        )
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: vlmduo gives one answer per request", param="n")
     for unsupported in ("tools", "functions", "tool_choice", "function_call"):

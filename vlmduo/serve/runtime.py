@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,12 +234,14 @@ def find_server(
     engine: dict[str, int],
     *,
     wait_s: float | None = None,
+    on_wait: Callable[[ServerRecord], None] | None = None,
 ) -> Match:
     """A live server that serves ``roles`` of ``refs`` with the same ``engine`` settings.
 
     A matching server still loading its models is waited for (up to ``wait_s``,
     default ``$VLMDUO_SERVER_WAIT`` or 300 s), so that ``vlmduo serve &`` followed at
-    once by ``vlmduo ask`` loads the models once, in the server.
+    once by ``vlmduo ask`` loads the models once, in the server; ``on_wait`` is told
+    when such a wait begins.
     """
     wanted = normalize_refs({role: refs[role] for role in roles})
     note = None
@@ -252,6 +254,8 @@ def find_server(
         if record.auth and not os.environ.get("VLMDUO_API_KEY"):
             note = f"the server at {record.url} needs an API key: set VLMDUO_API_KEY"
             continue
+        if record.state != "ready" and on_wait is not None:
+            on_wait(record)
         ready = wait_ready(record, _wait_limit(wait_s))
         if ready is not None:
             return Match(ready)
