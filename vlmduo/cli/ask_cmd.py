@@ -62,10 +62,14 @@ def _resolve(
 
 def ask(
     image: Annotated[
-        str | None, typer.Argument(help="Image path, http(s) URL, or - to read stdin.", show_default=False)
+        str | None,
+        typer.Argument(
+            metavar="IMAGE", help="Image path, http(s) URL, or - to read stdin.", show_default=False
+        ),
     ] = None,
     question: Annotated[
-        str | None, typer.Argument(help="The question about the image.", show_default=False)
+        str | None,
+        typer.Argument(metavar="QUESTION", help="The question about the image.", show_default=False),
     ] = None,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
