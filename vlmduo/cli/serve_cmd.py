@@ -198,6 +198,7 @@ def serve(
         raise
     finally:
         status.stop()
+    console.print("Stopped.")  # a signal the shell had us ignore, handled by uvicorn alone
 
 
 def _child_args(**values: Any) -> list[str]:
