@@ -21,14 +21,6 @@ def model_args(small_files, large_files) -> list[str]:
     ]  # fmt: skip
 
 
-def _for_mode(args: list[str], mode: str) -> list[str]:
-    """``args`` without --think-budget where the mode does not reason (it would be refused)."""
-    if mode != "large":
-        return args
-    at = args.index("--think-budget")
-    return args[:at] + args[at + 2 :]
-
-
 def _no_traceback(stderr: bytes) -> None:
     assert b"Traceback" not in stderr
 
@@ -84,8 +76,7 @@ def test_json_is_exactly_one_object_with_the_contract_keys(image_file, model_arg
 
 @pytest.mark.parametrize("mode", ["small", "large", "large-think"])
 def test_quiet_prints_only_the_answer(image_file, model_args, isolated_env, mode):
-    args = ["ask", str(image_file), "How many cats?", *_for_mode(model_args, mode), "--mode", mode, "-q"]
-    out = run_cli(args, isolated_env)
+    out = run_cli(["ask", str(image_file), "How many cats?", *model_args, "--mode", mode, "-q"], isolated_env)
     assert out.returncode == 0, out.stderr.decode()
     float(out.stdout.decode().strip())
     assert out.stderr == b""
@@ -93,7 +84,7 @@ def test_quiet_prints_only_the_answer(image_file, model_args, isolated_env, mode
 
 def test_image_from_stdin(image_file, model_args, isolated_env):
     out = run_cli(
-        ["ask", "-", "Is it raining?", *_for_mode(model_args, "large"), "--mode", "large", "-q"],
+        ["ask", "-", "Is it raining?", *model_args, "--mode", "large", "-q"],
         isolated_env,
         stdin=image_file.read_bytes(),
     )

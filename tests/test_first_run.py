@@ -34,9 +34,18 @@ repo = "test-org/tiny-a-GGUF"
 file = "nope.gguf"
 mmproj = "mmproj-tiny-a-F16.gguf"
 
+[models.gated]
+repo = "test-org/gated-GGUF"
+file = "gated-Q4_K_M.gguf"
+mmproj = "mmproj-gated.gguf"
+
 [pairs.tiny]
 small = "tiny-a"
 large = "tiny-b"
+
+[pairs.gated]
+small = "tiny-a"
+large = "gated"
 
 [pairs.broken]
 small = "tiny-a"
@@ -54,6 +63,11 @@ def hub_server() -> Iterator[FakeHub]:
     fake.add_repo(
         "test-org/tiny-b-GGUF",
         {"tiny-b-Q4_K_M.gguf": fake_gguf(30_000, 3), "mmproj-tiny-b-F16.gguf": fake_gguf(10_000, 4)},
+    )
+    fake.add_repo(
+        "test-org/gated-GGUF",
+        {"gated-Q4_K_M.gguf": fake_gguf(30_000, 5), "mmproj-gated.gguf": fake_gguf(10_000, 6)},
+        token="hf_secret",
     )
     yield fake
     fake.stop()
@@ -142,6 +156,12 @@ def test_doctor_says_which_file_the_hub_lacks(env, hub_server):
     assert pair["hub"] == "reachable"
     assert pair["models"][1]["hub"].startswith("not found: HTTP 404")
     assert "[models.missing-file]" in pair["next"][0]["note"]
+
+
+def test_doctor_says_which_model_needs_a_token(env, hub_server):
+    pair = doctor({**env, "HF_ENDPOINT": hub_server.url}, "--pair", "gated")
+    assert pair["models"][0]["hub"] == "found" and pair["models"][1]["hub"].startswith("needs a token")
+    assert pair["next"][0]["command"] == "HF_TOKEN=hf_... vlmduo pull --pair gated"
 
 
 def test_doctor_when_the_pair_is_downloaded(env, hub_server):

@@ -312,9 +312,16 @@ def _probe_hub(models: list[ModelReadiness]) -> str:
             get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, endpoint=endpoint, library_name="vlmduo")
         except hf_errors.HfHubHTTPError as exc:  # the Hub answered, with an error
             status = exc.response.status_code if exc.response is not None else "?"
-            model.hub = f"not found: HTTP {status} for {entry.repo}/{entry.file}"
-        except Exception as exc:  # noqa: BLE001 - any failure to connect means unreachable
+            if status in (401, 403):
+                model.hub = f"needs a token: HTTP {status} for {entry.repo} (gated or private)"
+            elif status == 404:
+                model.hub = f"not found: HTTP 404 for {entry.repo}/{entry.file}"
+            else:
+                model.hub = f"unexpected answer: HTTP {status} for {entry.repo}/{entry.file}"
+        except (hf_errors.LocalEntryNotFoundError, *hub._network_errors()) as exc:
             return f"unreachable: {type(exc).__name__}: {_first_line(exc)}"
+        except Exception as exc:  # noqa: BLE001 - doctor reports, never raises
+            model.hub = f"unexpected answer: {type(exc).__name__}: {_first_line(exc)}"
         else:
             model.hub = "found"
     return "reachable"
@@ -340,6 +347,7 @@ def _next_steps(
     size = sum(m.size_gb or 0.0 for m in missing)
     about = f"~{size:.1f} GB into the Hugging Face cache" if size else "into the Hugging Face cache"
     not_found = [m for m in models if m.hub and m.hub.startswith("not found")]
+    gated = [m for m in models if m.hub and m.hub.startswith("needs a token")]
     if offline:
         first = {"command": f"HF_HUB_OFFLINE=0 {pull}", "note": f"{about}, once online"}
     elif hub_state.startswith("unreachable"):
@@ -349,6 +357,10 @@ def _next_steps(
         names = ", ".join(f"[models.{m.name}]" for m in not_found)
         note = f"the Hub lacks a file of {names}: override it in $VLMDUO_HOME/models.toml"
         first = {"command": "vlmduo models", "note": note}
+    elif gated:
+        names = " and ".join(m.name for m in gated)
+        note = f"{about}; {names} needs a token: accept the model's terms on the Hub, then put the token here"
+        first = {"command": f"HF_TOKEN=hf_... {pull}", "note": note}
     else:
         first = {"command": pull, "note": f"{about} (vlmduo ask would also download them first)"}
     return [first, synthetic]

@@ -77,14 +77,15 @@ class Scope:
 SCOPES = {
     "policy": Scope("--policy", ("duo",)),
     "selector": Scope("--selector", ("duo",)),
-    "transfer_budget": Scope("--transfer-budget", ("duo",)),
     "sequential": Scope("--sequential", ("duo",)),
     "confidence_threshold": Scope("--confidence-threshold", ("duo",), ("confidence",)),
-    "think_budget": Scope("--think-budget", MODES_THAT_REASON),
     "show_reasoning_flag": Scope("--show-reasoning", MODES_THAT_REASON),
 }
-# Not listed: --small/--large and their projectors name a pair, as --pair does, and a
-# mode takes from the pair the models it needs; a script may name both for every mode.
+# Not listed, so a script may pass the same flags for every mode:
+# - --small/--large and their projectors name a pair, as --pair does; each mode takes
+#   from the pair the models it needs;
+# - --think-budget, --transfer-budget and --max-answer-tokens are caps: a cap on tokens
+#   a mode never generates holds trivially.
 
 
 def _modes(modes: tuple[str, ...]) -> str:
