@@ -207,9 +207,7 @@ def _child_args(**values: Any) -> list[str]:
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            if name in ("offline", "verbose"):
-                args.append(flag if value else f"--no-{name}")
-            elif value:
+            if value:  # every flag passed here is off by default
                 args.append(flag)
         elif value is not None:
             args += [flag, str(value)]
