@@ -6,6 +6,7 @@ speed, only on structure, counts and that fitted numbers are finite and sane.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -14,10 +15,22 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import run_cli
 
-from vlmduo.agents import Agent
-from vlmduo.bench import CHECK_MODES, BenchConfig, Stat, filler_text, forced_decode, run_bench
+from vlmduo import latency_model as lm
+from vlmduo.agents import Agent, AgentResult
+from vlmduo.bench import (
+    CHECK_MODES,
+    BenchConfig,
+    Stat,
+    filler_text,
+    fit_warnings,
+    forced_decode,
+    predict_result,
+    run_bench,
+)
 from vlmduo.engine import TokenEvent
 from vlmduo.errors import UsageError
+from vlmduo.pipeline import AskResult
+from vlmduo.study import ROUTES, StudyConfig, run_study
 
 TINY = BenchConfig(
     reps=2,
@@ -43,10 +56,13 @@ def report(agents):
 
 
 def _finite_fit(fit) -> None:
-    for value in (fit.fixed_ms, fit.per_prompt_token_ms, fit.per_output_token_ms):
+    for value in dataclasses.astuple(fit)[:-1]:
         assert math.isfinite(value) and value >= 0
-    assert fit.per_output_token_ms > 0  # decoding ten more tokens always costs something
-    assert math.isfinite(fit.r2) and math.isfinite(fit.mean_abs_pct_error)
+    # decoding ten more tokens always costs something
+    assert fit.decode_ms_per_token + fit.decode_ms_per_token_per_cell > 0
+    assert set(fit.quality) == {"image", "prefill", "decode", "total"}
+    for quality in fit.quality.values():
+        assert math.isfinite(quality.r2) and math.isfinite(quality.mean_abs_pct_error)
 
 
 def test_report_structure_and_counts(report) -> None:
@@ -62,9 +78,13 @@ def test_report_structure_and_counts(report) -> None:
         assert all(0 < p.tokens <= p.requested for p in bench.prefill)
         assert [d.tokens for d in bench.decode] == [12, 12]
         assert bench.decode[0].context < bench.decode[1].context
-        assert len(bench.samples) == 2 * 2  # prompt lengths x decode lengths
-        assert {s.output_tokens for s in bench.samples} == {2, 12}
-        assert all(s.ms > 0 for s in bench.samples)
+        assert len(bench.runs) == 2 * 2  # prompt lengths x decode lengths
+        assert {r.output_tokens for r in bench.runs} == {2, 12}
+        assert all(r.ms > 0 for r in bench.runs)
+        stages = [s.stage for s in bench.stage_samples]
+        # image: one per size; prefill: image prompts + filler prompts; decode: prompts x lengths
+        assert (stages.count("image"), stages.count("prefill"), stages.count("decode")) == (2, 4, 4)
+        assert bench.prefix_tokens > bench.prefix_image_tokens > 0
         _finite_fit(bench.fit)
         for part in ("load", "image", "prefill", "decode", "fit"):
             assert f"{role}:{part}" in report.complete
@@ -76,7 +96,7 @@ def test_crossover_predictions_and_checks(report) -> None:
         assert set(row.ratios) == {1, 8, 64}
         assert all(r > 0 and math.isfinite(r) for r in row.ratios.values())
         assert row.max_large_tokens is None or row.max_large_tokens >= 0
-    assert report.crossover_prompt_tokens > 0
+    assert all(p.tokens > p.image_tokens > 0 for p in report.prompts.values())
     assert set(report.predicted_modes) == {
         "small", "large", "large-think", "duo-agree", "duo-transfer", "duo-confident"
     }  # fmt: skip
@@ -93,7 +113,11 @@ def test_crossover_predictions_and_checks(report) -> None:
 
 def test_report_json_is_strict_json(report) -> None:
     data = json.loads(json.dumps(report.to_json(), allow_nan=False))
-    assert data["models"]["large"]["fit"]["per_output_token_ms"] > 0
+    assert data["models"]["large"]["fit"]["decode_ms_per_token"] >= 0
+    assert data["models"]["large"]["fit"]["quality"]["total"]["mean_abs_pct_error"] >= 0
+    assert data["models"]["small"]["fit"]["fit_error_pct"] >= 0
+    assert data["prompts"]["large"]["tokens"] > 0
+    assert isinstance(data["warnings"], list)
     assert set(data["crossover"][0]["ratios"]) == {"1", "8", "64"}
     assert data["checks"][0]["error_pct"] is not None
     assert data["interrupted"] is False
@@ -206,6 +230,8 @@ def test_cli_tables_on_stderr(small_files, large_files, isolated_env) -> None:
     err = proc.stderr.decode()
     for heading in ("Measured", "Latency model", "Crossover", "Predicted latency per mode"):
         assert heading in err
+    assert "synthetic tiny models" not in err  # files given by path: not called synthetic
+    assert "the given model files" in err and "answers not reported" in err
     assert "Traceback" not in err
 
 
@@ -225,3 +251,101 @@ def test_cli_usage_error(isolated_env) -> None:
     proc = run_cli(["bench", "--small", "x.gguf", "--large", "y.gguf", "--prompt-lengths", "8"], isolated_env)
     assert proc.returncode == 2
     assert "at least 2 different --prompt-lengths" in proc.stderr.decode()
+
+
+def _agent(prompt: int, image: int, generated: int) -> AgentResult:
+    tokens = {"prompt": prompt, "image": image, "generated": generated}
+    return AgentResult(model="m", answer="A", reasoning=None, tokens=tokens, timings_ms={})
+
+
+def _result(mode: str, route: str | None, small, large, transferred=None) -> AskResult:
+    return AskResult("A", mode, None, route, "choice", small, large, transferred, {"total": 1.0})
+
+
+FLAT_SMALL = lm.LatencyModel(prefill_ms_per_token=0.1, decode_ms_per_token=1.0)
+FLAT_LARGE = lm.LatencyModel(prefill_ms_per_token=1.0, decode_ms_per_token=10.0)
+
+
+@pytest.mark.parametrize(
+    ("result", "concurrent", "expected"),
+    [
+        # small: prompt 20+80 -> 10 ms prefill, 50 tokens -> 50 ms
+        (_result("small", None, _agent(20, 80, 50), None), False, 60.0),
+        # large: 100 ms prefill, 2 tokens -> 20 ms
+        (_result("large", None, None, _agent(20, 80, 2)), False, 120.0),
+        (_result("duo", "agree", _agent(20, 80, 50), _agent(20, 80, 2)), False, 180.0),
+        (_result("duo", "agree", _agent(20, 80, 50), _agent(20, 80, 2)), True, 120.0),
+        # a sequential duo that ended confident never started the small agent
+        (_result("duo", "confident", _agent(0, 0, 0), _agent(20, 80, 2)), False, 120.0),
+        # transfer: 30 tokens prefilled (30 ms) and a 3-token answer (30 ms) after stage 1
+        (
+            _result(
+                "duo",
+                "transfer",
+                _agent(20, 80, 50),
+                _agent(20, 80, 2),
+                {"prefill_tokens": 30, "answer_tokens": 3},
+            ),
+            False,
+            240.0,
+        ),
+    ],
+)
+def test_predict_result_from_actual_tokens(result: AskResult, concurrent: bool, expected: float) -> None:
+    assert predict_result(FLAT_SMALL, FLAT_LARGE, result, concurrent=concurrent) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("error", "warned"), [(5.0, False), (15.0, False), (15.1, True), (60.0, True)])
+def test_fit_warnings_over_15_percent(error: float, warned: bool) -> None:
+    quality = lm.FitQuality(n=4, r2=0.9, mean_abs_pct_error=error, max_abs_pct_error=2 * error)
+    fit = lm.LatencyModel(decode_ms_per_token=1.0, quality={"decode": quality, "total": quality})
+    warnings = fit_warnings("model-x", fit)
+    assert bool(warnings) is warned
+    if warned:
+        assert len(warnings) == 2 and all(w.startswith("model-x:") for w in warnings)
+        assert "whole runs" in warnings[1] and f"{error:.0f}%" in warnings[1]
+
+
+def test_study_predicts_and_measures_every_route(agents, report) -> None:
+    config = StudyConfig(reasoning_lengths=(4, 12), agreement=("0.5", "3736/4329"), answer_tokens=2)
+    study = run_study(*agents, report, config)
+    assert not study.interrupted and study.complete == ["m=4", "m=12"]
+    for point in study.points:
+        for times in (point.predicted, point.measured):
+            assert set(times) == set(ROUTES) and all(v > 0 for v in times.values())
+        assert set(point.predicted_actual) == {"large-think", "duo-transfer"}
+        assert 0 < point.tokens["large-think"] <= point.reasoning_tokens + 2
+    # longer reasoning costs large-think more
+    assert study.points[1].predicted["large-think"] > study.points[0].predicted["large-think"]
+    labels = [label for label, _ in config.mixes()]
+    assert labels[2] == "always" and len(labels) == 5
+    for which in ("predicted", "measured"):
+        for label, values in study.speedups(which):
+            mix = dict(config.mixes())[label]
+            for point, value in zip(study.points, values, strict=True):
+                times = getattr(point, which)
+                assert value == pytest.approx(times["large-think"] / mix.expected_ms(times))
+    data = json.loads(json.dumps(study.to_json(), allow_nan=False))
+    assert set(data["speedup"]["measured"]) == set(labels)
+
+
+def test_study_without_measuring_only_predicts(agents, report) -> None:
+    study = run_study(*agents, report, StudyConfig(reasoning_lengths=(8,), measure=False))
+    assert [p.measured for p in study.points] == [{}]
+    assert all(v is None for _, values in study.speedups("measured") for v in values)
+
+
+def test_cli_tables_fit_80_columns_with_names_whole(isolated_env) -> None:
+    env = {**isolated_env, "COLUMNS": "80"}
+    args = ["bench", "--pair", "synthetic", "--threads", "1", "--reps", "1", "--image-sizes", "32"]
+    args += ["--prompt-lengths", "8,24", "--decode-lengths", "1,6", "--think-budget", "4"]
+    args += ["--max-answer-tokens", "2", "--transfer-budget", "4", "--study", "--reasoning-lengths", "4,8"]
+    proc = run_cli(args, env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert "…" not in err
+    assert max(len(line) for line in err.splitlines()) <= 80
+    for name in ("synthetic-small", "synthetic-large", "duo-transfer", "large-think"):
+        assert name in err
+    assert "synthetic tiny models (random weights)" in err and "answers not reported" in err
+    assert "Duo speedup over large-think" in err

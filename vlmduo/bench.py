@@ -3,10 +3,12 @@
 For each model it measures, on generated inputs, the load time, image preprocess
 and vision-encode time per image size, prefill time against prompt length and
 decode time per token against context length, each repeated (median and
-min/max). From those it fits the linear latency model of
-:mod:`vlmduo.latency_model`, builds the crossover table the duo method rests on
-and predicts every mode's time, then checks the predictions against a measured
-``pipeline.ask`` of each mode.
+min/max). From those it fits the per-stage latency model of
+:mod:`vlmduo.latency_model` (image, prefill, and decode with a per-token cost
+that grows with the context), builds the crossover table the duo method rests
+on and predicts every mode's time, then checks the predictions against a
+measured ``pipeline.ask`` of each mode, and says when a fit or a prediction
+misses.
 
 Pure measurement: progress goes to a callback, rendering is the CLI's job.
 Ctrl-C stops the measuring but keeps what was measured; ``complete`` says which
@@ -34,6 +36,7 @@ from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 BenchProgress = Callable[[str, int, int], None]
 
 CHECK_MODES = ("small", "large", "large-think", "duo")  # duo last: it changes thread counts
+QUESTION_TOKENS = 32  # a short question after the image, for the crossover and predictions
 BENCH_QUESTION = "Which colour covers most of the image?\nA. red\nB. green\nC. blue\nD. grey"
 # Plain words every tokenizer splits predictably; the model never has to make sense of them.
 _FILLER = (
@@ -56,6 +59,7 @@ class BenchConfig:
     small_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024)
     large_tokens: tuple[int, ...] = (1, 4, 16, 64, 256)
     check: bool = True
+    concurrent: bool = False  # duo checks: stage-1 agents at once (splitting the cores) or in turn
     seed: int = 0
 
     def validate(self) -> None:
@@ -101,6 +105,7 @@ class ImagePoint:
 
     size: int
     image_tokens: int  # libmtmd resizes to the projector's size, so often the same for all
+    cells: int  # KV cells of the whole prompt: image and the chat template around it
     preprocess: Stat
     encode: Stat
     prefill: Stat  # image embeddings plus the short chat template around them
@@ -138,14 +143,21 @@ class ModelBench:
     role: str
     name: str
     load_ms: float | None = None
-    prefix_tokens: int = 0  # image + chat template of the fitted runs
+    prefix_tokens: int = 0  # KV cells of image + chat template of the fitted runs
+    prefix_image_tokens: int = 0
     prefix_ms: float | None = None
     image: list[ImagePoint] = field(default_factory=list)
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
-    samples: list[lm.LatencySample] = field(default_factory=list)
-    fit: lm.LatencyFit | None = None
+    stage_samples: list[lm.StageSample] = field(default_factory=list)
+    runs: list[lm.RunSample] = field(default_factory=list)  # whole runs: prefix + prompt + decode
+    fit: lm.LatencyModel | None = None
     fit_problem: str | None = None
+
+    @property
+    def question_prompt(self) -> lm.Prompt:
+        """The prompt of a question about the fitted runs' image: its prefix plus ~32 tokens."""
+        return lm.Prompt(self.prefix_tokens + QUESTION_TOKENS, self.prefix_image_tokens)
 
 
 @dataclass(frozen=True)
@@ -172,12 +184,17 @@ class BenchReport:
 
     config: BenchConfig
     models: dict[str, ModelBench]
-    crossover_prompt_tokens: int = 0
     crossover: list[lm.CrossoverRow] = field(default_factory=list)
     predicted_modes: dict[str, float] = field(default_factory=dict)
     checks: list[ModeCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     complete: list[str] = field(default_factory=list)
     interrupted: bool = False
+
+    @property
+    def prompts(self) -> dict[str, lm.Prompt]:
+        """The question prompt of each role, for the crossover and the predictions."""
+        return {role: bench.question_prompt for role, bench in self.models.items()}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dictionary (non-finite numbers become null)."""
@@ -185,21 +202,24 @@ class BenchReport:
         for row in data["crossover"]:
             row["ratios"] = {str(k): v for k, v in row["ratios"].items()}
         data["checks"] = [{**dataclasses.asdict(c), "error_pct": c.error_pct} for c in self.checks]
+        data["prompts"] = {role: dataclasses.asdict(p) for role, p in self.prompts.items()}
         for name, bench in self.models.items():
             data["models"][name]["prefill"] = [
                 {**dataclasses.asdict(p), "ms_per_token": p.ms_per_token} for p in bench.prefill
             ]
-        return _finite(data)
+            if bench.fit is not None:
+                data["models"][name]["fit"]["fit_error_pct"] = bench.fit.fit_error_pct
+        return finite(data)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """Replace inf/nan by None, recursively: JSON has no spelling for them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -251,7 +271,12 @@ def _measure_model(
     tick(f"{bench.name}: loaded")
     if model.has_vision:
         for size in config.image_sizes:
-            bench.image.append(_measure_image(model, size, config, tick))
+            point = _measure_image(model, size, config, tick)
+            bench.image.append(point)
+            bench.stage_samples += [
+                lm.StageSample("image", point.image_tokens, point.preprocess.median + point.encode.median),
+                lm.StageSample("prefill", point.cells, point.prefill.median),
+            ]
         complete.append(f"{bench.role}:image")
     else:
         tick(f"{bench.name}: no projector, image skipped", config.reps * len(config.image_sizes))
@@ -259,21 +284,21 @@ def _measure_model(
     complete.extend((f"{bench.role}:prefill", f"{bench.role}:decode"))
 
 
-def _bench_image(size: int, seed: int) -> LoadedImage:
+def bench_image(size: int, seed: int) -> LoadedImage:
     # decode_ms of a generated image is generation time, not decoding: leave it out.
     return dataclasses.replace(synthetic_image(size, size, seed=seed), decode_ms=0.0)
 
 
 def _measure_image(model: VisionLanguageModel, size: int, config: BenchConfig, tick: _Ticker) -> ImagePoint:
-    image = _bench_image(size, config.seed)
+    image = bench_image(size, config.seed)
     prompt = model.render_prompt("Describe the image.", image=True)
     runs: list[dict[str, float]] = []
-    tokens = 0
+    tokens = cells = 0
     for rep in range(config.reps):
         session = model.session()
         session.prefill(prompt, image)
         runs.append(dict(session.times.ms))
-        tokens = session.n_image_tokens
+        tokens, cells = session.n_image_tokens, session.n_kv
         tick(f"{model.name}: image {size}px ({rep + 1}/{config.reps})")
 
     def stat(*stages: str) -> Stat:
@@ -282,6 +307,7 @@ def _measure_image(model: VisionLanguageModel, size: int, config: BenchConfig, t
     return ImagePoint(
         size=size,
         image_tokens=tokens,
+        cells=cells,
         preprocess=stat("image"),
         encode=stat("encode"),
         prefill=stat("prefill"),
@@ -303,7 +329,7 @@ def filler_text(model: VisionLanguageModel, n_tokens: int) -> str:
 def _prefix(model: VisionLanguageModel, config: BenchConfig) -> tuple[Session, float]:
     """A session holding the fitted runs' image prefix, and what it cost."""
     session = model.session()
-    image = _bench_image(config.fit_image_size, config.seed) if model.has_vision else None
+    image = bench_image(config.fit_image_size, config.seed) if model.has_vision else None
     session.prefill(model.render_prompt("Describe the image.", image=image is not None), image)
     return session, sum(session.times.ms.values())
 
@@ -321,7 +347,7 @@ def _measure_prompt_and_decode(
     base, cells = session.n_past, session.n_kv
     fits = {s.size: s.total.median for s in bench.image}
     bench.prefix_ms = fits.get(config.fit_image_size, prefix_ms)
-    bench.prefix_tokens = cells
+    bench.prefix_tokens, bench.prefix_image_tokens = cells, session.n_image_tokens
     n_decode = max(config.decode_lengths)
     needed = cells + max(config.prompt_lengths) + n_decode + 8
     if needed > model.n_ctx:
@@ -347,11 +373,16 @@ def _measure_prompt_and_decode(
             tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
         bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
         bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
+        prefill = statistics.median(prefill_ms)
+        bench.stage_samples.append(lm.StageSample("prefill", n_tokens, prefill, context=cells))
         for n in sorted(set(config.decode_lengths)):
             decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
             if decode_ms:
-                ms = bench.prefix_ms + statistics.median(prefill_ms) + statistics.median(decode_ms)
-                bench.samples.append(lm.LatencySample(cells + n_tokens, n, ms))
+                decode = statistics.median(decode_ms)
+                context = cells + n_tokens
+                bench.stage_samples.append(lm.StageSample("decode", n, decode, context=context))
+                run_ms = bench.prefix_ms + prefill + decode
+                bench.runs.append(lm.RunSample(bench.prefix_image_tokens, context, n, run_ms))
 
 
 def _cumsum(values: Sequence[float]) -> list[float]:
@@ -387,20 +418,22 @@ def _analyse(report: BenchReport) -> None:
     """Fit each model and, with both fits, build the crossover and mode predictions."""
     for bench in report.models.values():
         try:
-            bench.fit = lm.fit_latency(bench.samples)
+            bench.fit = lm.fit_model(bench.stage_samples, bench.runs)
             report.complete.append(f"{bench.role}:fit")
         except ValueError as exc:
             bench.fit_problem = str(exc)
+            continue
+        report.warnings += fit_warnings(bench.name, bench.fit)
     small, large = report.models["small"], report.models["large"]
     if small.fit is None or large.fit is None:
         return
     config = report.config
-    prompt = report.crossover_prompt_tokens = large.prefix_tokens + 32  # image + a short question
     try:
         report.crossover = lm.crossover(
             small.fit,
             large.fit,
-            prompt_tokens=prompt,
+            small_prompt=small.question_prompt,
+            large_prompt=large.question_prompt,
             small_tokens=config.small_tokens,
             large_tokens=config.large_tokens,
         )
@@ -410,19 +443,34 @@ def _analyse(report: BenchReport) -> None:
     report.predicted_modes = lm.predict_modes(
         small.fit,
         large.fit,
-        prompt_tokens=prompt,
+        small_prompt=small.question_prompt,
+        large_prompt=large.question_prompt,
         think_tokens=config.think_tokens,
         answer_tokens=config.answer_tokens,
         transfer_tokens=config.transfer_tokens,
+        concurrent=config.concurrent,
     )
     report.complete.append("predict")
+
+
+def fit_warnings(name: str, fit: lm.LatencyModel) -> list[str]:
+    """One line per fit (a stage or whole runs) whose mean error is over the threshold."""
+    out = []
+    for part, quality in fit.quality.items():
+        if quality.mean_abs_pct_error > lm.FIT_WARN_PCT:
+            what = "whole runs" if part == "total" else f"its {part} times"
+            out.append(
+                f"{name}: the latency model misses {what} by {quality.mean_abs_pct_error:.0f}% on "
+                f"average (over {lm.FIT_WARN_PCT:.0f}%); its predictions are rough"
+            )
+    return out
 
 
 def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker) -> None:
     """Run ``ask`` once per mode and compare with the prediction for its token counts."""
     config = report.config
     seeing = small.model.has_vision and large.model.has_vision
-    image = _bench_image(config.fit_image_size, config.seed) if seeing else None
+    image = bench_image(config.fit_image_size, config.seed) if seeing else None
     question = make_question(BENCH_QUESTION, image, "auto")
     for mode in CHECK_MODES:
         options = AskOptions(
@@ -430,39 +478,60 @@ def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker)
             think_budget=config.think_tokens,
             max_answer_tokens=config.answer_tokens,
             transfer_budget=config.transfer_tokens,
+            sequential=not config.concurrent,
             seed=config.seed,
         )
         result = ask(question, options, small=small, large=large)
-        report.checks.append(_mode_check(report, result))
+        check = mode_check(report, result)
+        report.checks.append(check)
         report.complete.append(f"check:{mode}")
+        if check.error_pct is not None and abs(check.error_pct) > lm.CHECK_WARN_PCT:
+            label = mode if mode != "duo" else f"duo ({check.route})"
+            report.warnings.append(
+                f"ask --mode {label} took {check.measured_ms:.0f} ms, the latency model predicted "
+                f"{check.predicted_ms:.0f} ms ({check.error_pct:+.0f}%, over ±{lm.CHECK_WARN_PCT:.0f}%)"
+            )
         tick(f"ask --mode {mode}")
 
 
-def _mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
+def mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
     """Predict ``result``'s time from the fits with the token counts it actually had."""
     small_fit, large_fit = report.models["small"].fit, report.models["large"].fit
     assert small_fit is not None and large_fit is not None  # checks run only with both fits
+    predicted = predict_result(small_fit, large_fit, result, concurrent=report.config.concurrent)
+    small_gen = result.small.tokens["generated"] if result.small else 0
+    large_gen = result.large.tokens["generated"] if result.large else 0
+    transferred = (result.transferred or {}).get("prefill_tokens", 0)
     agent = result.large or result.small
     assert agent is not None
     prompt = agent.tokens["prompt"] + agent.tokens["image"]
-    small_gen = result.small.tokens["generated"] if result.small else 0
-    large_gen = result.large.tokens["generated"] if result.large else 0
-    if result.mode == "small":
-        think, answer, key = small_gen, 0, "small"
-    elif result.mode == "large-think":
-        think, answer, key = large_gen, 0, "large-think"
-    elif result.mode == "large":
-        think, answer, key = 0, large_gen, "large"
-    else:
-        think, answer, key = max(small_gen - large_gen, 0), large_gen, f"duo-{result.route}"
-    transferred = (result.transferred or {}).get("prefill_tokens", 0)
-    predicted = lm.predict_modes(
-        small_fit,
-        large_fit,
-        prompt_tokens=prompt,
-        think_tokens=think,
-        answer_tokens=answer,
-        transfer_tokens=transferred,
-    ).get(key)
     tokens = {"prompt": prompt, "small": small_gen, "large": large_gen, "transferred": transferred}
     return ModeCheck(result.mode, result.route, result.timings_ms["total"], predicted, tokens)
+
+
+def predict_result(
+    small: lm.LatencyModel, large: lm.LatencyModel, result: AskResult, *, concurrent: bool
+) -> float:
+    """The time the fits give an ``ask`` result, from the token counts it actually had."""
+
+    def run(fit: lm.LatencyModel, agent: Any) -> float:
+        if agent is None or (agent.tokens["generated"] == 0 and agent.tokens["prompt"] == 0):
+            return 0.0  # never started (a sequential duo that ended confident)
+        t = agent.tokens
+        return fit.run_ms(lm.Prompt(t["prompt"] + t["image"], t["image"]), t["generated"])
+
+    small_ms = run(small, result.small)
+    large_ms = run(large, result.large)
+    if result.mode == "small":
+        return small_ms
+    if result.mode != "duo":
+        return large_ms
+    stage1 = max(small_ms, large_ms) if concurrent else small_ms + large_ms
+    if result.route == "confident":
+        stage1 = large_ms
+    if not result.transferred or result.large is None:
+        return stage1
+    t = result.large.tokens
+    added, answer = result.transferred.get("prefill_tokens", 0), result.transferred.get("answer_tokens", 0)
+    context = t["prompt"] + t["image"] + t["generated"] + added
+    return stage1 + large.prefill_ms(added) + large.decode_ms(answer, context)
