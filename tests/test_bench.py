@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,11 +27,12 @@ from vlmduo.bench import (
     forced_decode,
     predict_result,
     run_bench,
+    stage_ms,
 )
 from vlmduo.engine import TokenEvent
 from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskResult
-from vlmduo.study import ROUTES, StudyConfig, run_study
+from vlmduo.study import ROUTES, Environment, StudyConfig, run_study, watch_other_cpu
 
 TINY = BenchConfig(
     reps=2,
@@ -103,7 +105,8 @@ def test_crossover_predictions_and_checks(report) -> None:
     assert all(ms > 0 and math.isfinite(ms) for ms in report.predicted_modes.values())
     assert [c.mode for c in report.checks] == list(CHECK_MODES)
     for check in report.checks:
-        assert check.measured_ms > 0
+        assert 0 < check.stages_ms <= check.measured_ms  # llama.cpp's stages are part of the ask
+        assert check.outside_ms == pytest.approx(check.measured_ms - check.stages_ms)
         assert check.predicted_ms is not None and check.predicted_ms > 0
         assert math.isfinite(check.error_pct)
     assert report.checks[-1].route in ("agree", "transfer")
@@ -120,6 +123,7 @@ def test_report_json_is_strict_json(report) -> None:
     assert isinstance(data["warnings"], list)
     assert set(data["crossover"][0]["ratios"]) == {"1", "8", "64"}
     assert data["checks"][0]["error_pct"] is not None
+    assert data["checks"][0]["outside_ms"] >= 0
     assert data["interrupted"] is False
 
 
@@ -258,8 +262,51 @@ def _agent(prompt: int, image: int, generated: int) -> AgentResult:
     return AgentResult(model="m", answer="A", reasoning=None, tokens=tokens, timings_ms={})
 
 
-def _result(mode: str, route: str | None, small, large, transferred=None) -> AskResult:
-    return AskResult("A", mode, None, route, "choice", small, large, transferred, {"total": 1.0})
+def _result(mode: str, route: str | None, small, large, transferred=None, timings=None) -> AskResult:
+    timings = {"total": 1.0, **(timings or {})}
+    return AskResult("A", mode, None, route, "choice", small, large, transferred, timings)
+
+
+def _timed(ms: float) -> AgentResult:
+    stages = {"load": 999.0, "image": ms, "encode": ms, "prefill": ms, "decode": ms}
+    return AgentResult(model="m", answer="A", reasoning=None, tokens={}, timings_ms=stages)
+
+
+@pytest.mark.parametrize(
+    ("result", "concurrent", "expected"),
+    [
+        (_result("small", None, _timed(1.0), None), False, 4.0),  # load is not a stage of the ask
+        (_result("large-think", None, None, _timed(2.0)), False, 8.0),
+        (_result("duo", "agree", _timed(1.0), _timed(2.0)), False, 12.0),
+        (_result("duo", "agree", _timed(1.0), _timed(2.0)), True, 8.0),
+        (
+            _result(
+                "duo",
+                "transfer",
+                _timed(1.0),
+                _timed(2.0),
+                {},
+                {"transfer_prefill": 3.0, "answer_decode": 5.0},
+            ),
+            False,
+            20.0,
+        ),
+    ],
+)
+def test_stage_ms_of_an_ask(result: AskResult, concurrent: bool, expected: float) -> None:
+    assert stage_ms(result, concurrent=concurrent) == pytest.approx(expected)
+
+
+def test_other_cpu_is_measured_and_labelled() -> None:
+    env = Environment("w", "cpu, 2 cores", "CPU", 2, 0, "0.3", cores=2)
+    with watch_other_cpu(env):
+        sum(i * i for i in range(200_000))  # our own work is not "other"
+    if sys.platform.startswith("linux"):
+        assert env.other_cores is not None and env.other_cores >= 0
+    env.other_cores = 1.5
+    assert env.busy and "others used 1.5 cores" in env.short() and "answers not reported" in env.line()
+    env.other_cores = 0.1
+    assert not env.busy and "others" not in env.short()
 
 
 FLAT_SMALL = lm.LatencyModel(prefill_ms_per_token=0.1, decode_ms_per_token=1.0)

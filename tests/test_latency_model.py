@@ -23,12 +23,13 @@ from vlmduo.latency_model import (
     parse_rate,
     policy_mix,
     predict_modes,
+    prefill_calls,
 )
 
 TRUE = LatencyModel(
     image_fixed_ms=3.0,
     encode_ms_per_token=0.4,
-    prefill_fixed_ms=2.0,
+    prefill_ms_per_call=2.0,
     prefill_ms_per_token=0.05,
     decode_fixed_ms=1.0,
     decode_ms_per_token=2.0,
@@ -99,7 +100,8 @@ def test_decode_cost_grows_with_the_context(tokens: int, context: int, expected:
 
 def test_run_is_the_sum_of_its_stages() -> None:
     prompt = Prompt(tokens=300, image_tokens=196)
-    expected = (3.0 + 0.4 * 196) + (2.0 + 0.05 * 300) + TRUE.decode_ms(50, 300)
+    # text, the image in one batch, text: 3 calls
+    expected = (3.0 + 0.4 * 196) + (3 * 2.0 + 0.05 * 300) + TRUE.decode_ms(50, 300)
     assert TRUE.run_ms(prompt, 50) == pytest.approx(expected)
     assert TRUE.run_ms(Prompt(40), 0) == pytest.approx(2.0 + 0.05 * 40)  # no image, no output
     assert TRUE.token_ms(1000) == pytest.approx(6.0)
@@ -115,7 +117,11 @@ def measured(
         return ms * (1 + rng.normal(0, noise))
 
     samples = [StageSample("image", i, jitter(model.image_ms(i))) for i in (49, 196, 784)]
-    samples += [StageSample("prefill", p, jitter(model.prefill_ms(p))) for p in (64, 256, 1024)]
+    samples += [
+        StageSample("prefill", p, jitter(model.prefill_ms(p)), calls=prefill_calls(p, 512))
+        for p in (64, 256, 1024)
+    ]
+    samples.append(StageSample("prefill", 225, jitter(model.prefill_ms(225, calls=3)), calls=3))
     runs = []
     for context in (300, 500, 1300):
         for n in (16, 64, 256):
@@ -124,12 +130,21 @@ def measured(
     return samples, runs
 
 
+@pytest.mark.parametrize(
+    ("prompt", "calls"),
+    [(Prompt(0), 0), (Prompt(40), 1), (Prompt(512), 1), (Prompt(513), 2), (Prompt(300, 196), 3),
+     (Prompt(900, 784), 4), (Prompt(196, 196), 1)],
+)  # fmt: skip
+def test_prefill_calls(prompt: Prompt, calls: int) -> None:
+    assert prompt.prefill_calls(512) == calls
+
+
 def test_fit_recovers_every_cost() -> None:
     fit = fit_model(*measured(TRUE))
     for name in (
         "image_fixed_ms",
         "encode_ms_per_token",
-        "prefill_fixed_ms",
+        "prefill_ms_per_call",
         "prefill_ms_per_token",
         "decode_fixed_ms",
         "decode_ms_per_token",
@@ -236,7 +251,7 @@ def test_predict_modes_rejects_negative_tokens() -> None:
 
 
 # small(m) = 15 + 2m (no image); large(n) = 100 + 10n.
-CROSS_SMALL = LatencyModel(prefill_fixed_ms=5.0, prefill_ms_per_token=0.1, decode_ms_per_token=2.0)
+CROSS_SMALL = LatencyModel(prefill_ms_per_call=5.0, prefill_ms_per_token=0.1, decode_ms_per_token=2.0)
 CROSS_LARGE = LatencyModel(prefill_ms_per_token=1.0, decode_ms_per_token=10.0)
 Q = Prompt(100)
 

@@ -115,20 +115,25 @@ def test_seams_are_restored_even_after_a_failing_build(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 def test_spooling_writer_keeps_no_tensor_in_memory(tmp_path: Path) -> None:
-    data = np.ones((64, 64), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    # Odd sizes: each tensor is followed by alignment padding in the spool.
+    tensors = {f"blk.{i}.w": rng.standard_normal((3 + i, 7 + 2 * i)).astype(np.float32) for i in range(3)}
     with realsize.streaming_build("t", lambda *_: None):
         writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
-        writer.add_tensor("blk.0.w", data)
+        for name, data in tensors.items():
+            writer.add_tensor(name, data)
         spooled = [info.tensor for info in writer.tensors[0].values()]
         spool = Path(os.readlink(f"/proc/self/fd/{writer.temp_file.fileno()}"))
         common.finish(writer)
-    assert spooled == [None]  # the bytes went to disk
+    assert spooled == [None, None, None]  # the bytes went to disk
     assert spool.parent == tmp_path  # beside the output, never in a RAM-backed /tmp
     plain = gguf.GGUFWriter(str(tmp_path / "y.gguf"), "llama")  # negative control: keeps the array
-    plain.add_tensor("blk.0.w", data)
-    assert next(iter(plain.tensors[0].values())).tensor is data
-    reader = gguf.GGUFReader(tmp_path / "x.gguf")
-    assert np.array_equal(np.asarray(reader.tensors[0].data), data)
+    plain.add_tensor("blk.0.w", tensors["blk.0.w"])
+    assert next(iter(plain.tensors[0].values())).tensor is tensors["blk.0.w"]
+    read = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    assert set(read) == set(tensors)
+    for name, data in tensors.items():
+        assert np.array_equal(read[name].reshape(data.shape), data), name
 
 
 def test_pool_weights_are_random_and_scaled() -> None:

@@ -146,6 +146,7 @@ class ModelBench:
     prefix_tokens: int = 0  # KV cells of image + chat template of the fitted runs
     prefix_image_tokens: int = 0
     prefix_ms: float | None = None
+    n_batch: int = 512  # llama.cpp's batch: prompts longer than this take several calls
     image: list[ImagePoint] = field(default_factory=list)
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
@@ -162,20 +163,32 @@ class ModelBench:
 
 @dataclass(frozen=True)
 class ModeCheck:
-    """A measured ``ask`` of one mode against the prediction for its actual token counts."""
+    """A measured ``ask`` of one mode against the prediction for its actual token counts.
+
+    ``stages_ms`` is the time inside llama.cpp's stages (image, encode, prefill,
+    decode, transfer), what the latency model predicts; ``measured_ms`` the
+    whole ask, which adds Python work around them (prompt rendering, grammar
+    set-up, answer parsing): ``outside_ms``.
+    """
 
     mode: str
     route: str | None
     measured_ms: float
+    stages_ms: float
     predicted_ms: float | None
     tokens: dict[str, int]
 
     @property
+    def outside_ms(self) -> float:
+        """Wall time of the ask outside the timed stages."""
+        return max(0.0, self.measured_ms - self.stages_ms)
+
+    @property
     def error_pct(self) -> float | None:
-        """(predicted - measured) / measured, in percent."""
-        if self.predicted_ms is None or self.measured_ms <= 0:
+        """(predicted - measured stages) / measured stages, in percent."""
+        if self.predicted_ms is None or self.stages_ms <= 0:
             return None
-        return (self.predicted_ms - self.measured_ms) / self.measured_ms * 100.0
+        return (self.predicted_ms - self.stages_ms) / self.stages_ms * 100.0
 
 
 @dataclass
@@ -201,7 +214,10 @@ class BenchReport:
         data = dataclasses.asdict(self)
         for row in data["crossover"]:
             row["ratios"] = {str(k): v for k, v in row["ratios"].items()}
-        data["checks"] = [{**dataclasses.asdict(c), "error_pct": c.error_pct} for c in self.checks]
+        data["checks"] = [
+            {**dataclasses.asdict(c), "error_pct": c.error_pct, "outside_ms": c.outside_ms}
+            for c in self.checks
+        ]
         data["prompts"] = {role: dataclasses.asdict(p) for role, p in self.prompts.items()}
         for name, bench in self.models.items():
             data["models"][name]["prefill"] = [
@@ -267,15 +283,18 @@ def _measure_model(
     model: VisionLanguageModel, bench: ModelBench, config: BenchConfig, complete: list[str], tick: _Ticker
 ) -> None:
     bench.load_ms = model.load_times.get("load")
+    bench.n_batch = model.n_batch
     complete.append(f"{bench.role}:load")
     tick(f"{bench.name}: loaded")
     if model.has_vision:
         for size in config.image_sizes:
             point = _measure_image(model, size, config, tick)
             bench.image.append(point)
+            # The prompt around the image is text, image (in batches), text: that many calls.
+            calls = 2 + lm.prefill_calls(point.image_tokens, model.n_batch)
             bench.stage_samples += [
                 lm.StageSample("image", point.image_tokens, point.preprocess.median + point.encode.median),
-                lm.StageSample("prefill", point.cells, point.prefill.median),
+                lm.StageSample("prefill", point.cells, point.prefill.median, calls=calls),
             ]
         complete.append(f"{bench.role}:image")
     else:
@@ -374,7 +393,8 @@ def _measure_prompt_and_decode(
         bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
         bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
         prefill = statistics.median(prefill_ms)
-        bench.stage_samples.append(lm.StageSample("prefill", n_tokens, prefill, context=cells))
+        calls = lm.prefill_calls(n_tokens, model.n_batch)
+        bench.stage_samples.append(lm.StageSample("prefill", n_tokens, prefill, context=cells, calls=calls))
         for n in sorted(set(config.decode_lengths)):
             decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
             if decode_ms:
@@ -418,7 +438,7 @@ def _analyse(report: BenchReport) -> None:
     """Fit each model and, with both fits, build the crossover and mode predictions."""
     for bench in report.models.values():
         try:
-            bench.fit = lm.fit_model(bench.stage_samples, bench.runs)
+            bench.fit = lm.fit_model(bench.stage_samples, bench.runs, n_batch=bench.n_batch)
             report.complete.append(f"{bench.role}:fit")
         except ValueError as exc:
             bench.fit_problem = str(exc)
@@ -488,8 +508,9 @@ def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker)
         if check.error_pct is not None and abs(check.error_pct) > lm.CHECK_WARN_PCT:
             label = mode if mode != "duo" else f"duo ({check.route})"
             report.warnings.append(
-                f"ask --mode {label} took {check.measured_ms:.0f} ms, the latency model predicted "
-                f"{check.predicted_ms:.0f} ms ({check.error_pct:+.0f}%, over ±{lm.CHECK_WARN_PCT:.0f}%)"
+                f"ask --mode {label} spent {check.stages_ms:.0f} ms in llama.cpp, the latency model "
+                f"predicted {check.predicted_ms:.0f} ms ({check.error_pct:+.0f}%, "
+                f"over ±{lm.CHECK_WARN_PCT:.0f}%)"
             )
         tick(f"ask --mode {mode}")
 
@@ -506,7 +527,24 @@ def mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
     assert agent is not None
     prompt = agent.tokens["prompt"] + agent.tokens["image"]
     tokens = {"prompt": prompt, "small": small_gen, "large": large_gen, "transferred": transferred}
-    return ModeCheck(result.mode, result.route, result.timings_ms["total"], predicted, tokens)
+    stages = stage_ms(result, concurrent=report.config.concurrent)
+    return ModeCheck(result.mode, result.route, result.timings_ms["total"], stages, predicted, tokens)
+
+
+def chain_ms(agent: Any) -> float:
+    """An agent's time in llama.cpp's stages (image, encode, prefill, decode)."""
+    if agent is None:
+        return 0.0
+    return sum(agent.timings_ms.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
+
+
+def stage_ms(result: AskResult, *, concurrent: bool) -> float:
+    """An ask's time in llama.cpp's stages: what the latency model predicts."""
+    small, large = chain_ms(result.small), chain_ms(result.large)
+    if result.mode != "duo":
+        return small + large  # one of them is 0
+    stage1 = max(small, large) if concurrent else small + large
+    return stage1 + sum(result.timings_ms.get(k, 0.0) for k in ("transfer_prefill", "answer_decode"))
 
 
 def predict_result(

@@ -5,8 +5,9 @@ function of token counts with non-negative costs:
 
 - ``image(i) = image_fixed + encode · i``: preprocess and vision encoder, ``i``
   image tokens;
-- ``prefill(p) = prefill_fixed + prefill · p``: ``p`` prompt tokens into the KV
-  cache, batched (cheap per token);
+- ``prefill(p) = prefill_call · calls + prefill · p``: ``p`` prompt tokens into
+  the KV cache, batched (cheap per token), in ``calls`` calls to llama.cpp (one
+  per batch of ``n_batch`` tokens, and one per text or image chunk);
 - ``decode(n | c) = decode_fixed + Σ_{k<n} (b + c_kv · (c + k))``: ``n`` tokens
   one at a time after ``c`` cells in the KV cache. Every step reads the whole
   cache, so a token costs more the longer the context: ``b + c_kv · context``.
@@ -34,12 +35,14 @@ CHECK_WARN_PCT = 20.0  # a measured mode its prediction misses by more than this
 
 @dataclass(frozen=True)
 class StageSample:
-    """One measured stage: ``tokens`` image/prompt/output tokens after ``context`` KV cells."""
+    """One measured stage: ``tokens`` image/prompt/output tokens after ``context`` KV cells,
+    in ``calls`` calls to llama.cpp (prefill: batches and chunks)."""
 
     stage: str
     tokens: int
     ms: float
     context: int = 0
+    calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,18 @@ class Prompt:
     tokens: int
     image_tokens: int = 0
 
+    def prefill_calls(self, n_batch: int) -> int:
+        """llama.cpp calls to prefill it: batches of ``n_batch``; an image splits the text in two."""
+        text = self.tokens - self.image_tokens
+        if not self.image_tokens:
+            return prefill_calls(text, n_batch)
+        return 2 + prefill_calls(self.image_tokens, n_batch) if text else prefill_calls(self.tokens, n_batch)
+
+
+def prefill_calls(tokens: int, n_batch: int) -> int:
+    """Batches of at most ``n_batch`` that ``tokens`` tokens take (0 for none)."""
+    return -(-tokens // max(1, n_batch))
+
 
 @dataclass(frozen=True)
 class LatencyModel:
@@ -91,20 +106,23 @@ class LatencyModel:
 
     image_fixed_ms: float = 0.0
     encode_ms_per_token: float = 0.0
-    prefill_fixed_ms: float = 0.0
+    prefill_ms_per_call: float = 0.0
     prefill_ms_per_token: float = 0.0
     decode_fixed_ms: float = 0.0
     decode_ms_per_token: float = 0.0
     decode_ms_per_token_per_cell: float = 0.0
+    n_batch: int = 512
     quality: dict[str, FitQuality] = field(default_factory=dict)
 
     def image_ms(self, image_tokens: int) -> float:
         """Preprocess and encode of an image of ``image_tokens`` tokens (0: no image)."""
         return self.image_fixed_ms + self.encode_ms_per_token * image_tokens if image_tokens else 0.0
 
-    def prefill_ms(self, tokens: int) -> float:
-        """Prefill of ``tokens`` tokens (0: nothing to do)."""
-        return self.prefill_fixed_ms + self.prefill_ms_per_token * tokens if tokens else 0.0
+    def prefill_ms(self, tokens: int, calls: int | None = None) -> float:
+        """Prefill of ``tokens`` tokens in ``calls`` calls (default: batches of ``n_batch``)."""
+        if calls is None:
+            calls = prefill_calls(tokens, self.n_batch)
+        return self.prefill_ms_per_call * calls + self.prefill_ms_per_token * tokens if tokens else 0.0
 
     def decode_ms(self, tokens: int, context: int) -> float:
         """Decode of ``tokens`` tokens one by one after ``context`` KV cells."""
@@ -122,7 +140,7 @@ class LatencyModel:
         """A whole run: encode the image, prefill the prompt, decode ``output_tokens``."""
         return (
             self.image_ms(prompt.image_tokens)
-            + self.prefill_ms(prompt.tokens)
+            + self.prefill_ms(prompt.tokens, prompt.prefill_calls(self.n_batch))
             + self.decode_ms(output_tokens, prompt.tokens)
         )
 
@@ -200,7 +218,7 @@ def _image_rows(s: StageSample) -> list[float]:
 
 
 def _prefill_rows(s: StageSample) -> list[float]:
-    return [1.0, s.tokens]
+    return [s.calls, s.tokens]
 
 
 def _decode_rows(s: StageSample) -> list[float]:
@@ -214,7 +232,7 @@ _ROWS: dict[str, Callable[[StageSample], list[float]]] = {
 }
 _FIELDS = {
     "image": ("image_fixed_ms", "encode_ms_per_token"),
-    "prefill": ("prefill_fixed_ms", "prefill_ms_per_token"),
+    "prefill": ("prefill_ms_per_call", "prefill_ms_per_token"),
     "decode": ("decode_fixed_ms", "decode_ms_per_token", "decode_ms_per_token_per_cell"),
 }
 
@@ -224,13 +242,15 @@ def check_samples(samples: Sequence[StageSample]) -> None:
     for s in samples:
         if s.stage not in STAGES:
             raise ValueError(f"unknown stage {s.stage!r}: one of {', '.join(STAGES)}")
-        if s.tokens < 0 or s.context < 0:
+        if s.tokens < 0 or s.context < 0 or s.calls < 1:
             raise ValueError(f"token counts must be 0 or more: {s}")
         if not math.isfinite(s.ms) or s.ms <= 0:
             raise ValueError(f"a latency sample must be a positive, finite time: {s}")
 
 
-def fit_model(samples: Sequence[StageSample], runs: Sequence[RunSample] = ()) -> LatencyModel:
+def fit_model(
+    samples: Sequence[StageSample], runs: Sequence[RunSample] = (), *, n_batch: int = 512
+) -> LatencyModel:
     """Fit each stage that has samples; ``runs`` (whole runs) measure the end-to-end error.
 
     A stage needs samples at 2 or more token counts (decode: also at 2 or more
@@ -246,13 +266,13 @@ def fit_model(samples: Sequence[StageSample], runs: Sequence[RunSample] = ()) ->
         if not chosen:
             continue
         rows = [_ROWS[stage](s) for s in chosen]
-        if len({s.tokens for s in chosen}) < 2:
+        if len({tuple(row) for row in rows}) < 2:
             rows = [[0.0, *row[1:]] for row in rows]  # one count: per-token cost only
         coef, quality[stage] = fit_linear(rows, [s.ms for s in chosen])
         values.update(zip(_FIELDS[stage], (float(c) for c in coef), strict=True))
     if "decode" not in quality:
         raise ValueError("a latency model needs decode samples (time per output token)")
-    model = LatencyModel(**values, quality=quality)
+    model = LatencyModel(**values, n_batch=n_batch, quality=quality)
     if runs:
         predicted = [model.run_ms(Prompt(r.prompt_tokens, r.image_tokens), r.output_tokens) for r in runs]
         quality["total"] = FitQuality.of([r.ms for r in runs], predicted)

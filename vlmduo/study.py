@@ -33,7 +33,7 @@ from typing import Any
 
 from vlmduo import latency_model as lm
 from vlmduo.agents import Agent
-from vlmduo.bench import BENCH_QUESTION, BenchReport, bench_image, finite, predict_result
+from vlmduo.bench import BENCH_QUESTION, BenchReport, bench_image, chain_ms, finite, predict_result, stage_ms
 from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 
@@ -107,8 +107,10 @@ class LengthPoint:
     reasoning_tokens: int
     predicted: dict[str, float]
     measured: dict[str, float] = field(default_factory=dict)
-    # The fits' prediction for the token counts the measured asks actually had.
+    # The fits' prediction for the token counts the measured asks actually had, and
+    # those asks' time inside llama.cpp's stages (what the fits model).
     predicted_actual: dict[str, float] = field(default_factory=dict)
+    measured_stages: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
 
 
@@ -316,13 +318,6 @@ def _ask(question: Any, config: StudyConfig, think: int, mode: str, small: Agent
     return ask(question, options, small=small, large=large)
 
 
-def _chain_ms(result: AskResult) -> float:
-    """The large agent's own stages: its short answer, the confident route's time."""
-    assert result.large is not None
-    t = result.large.timings_ms
-    return sum(t.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
-
-
 def _record(
     point: LengthPoint, think: AskResult, duo: AskResult, small: lm.LatencyModel, large: lm.LatencyModel
 ) -> None:
@@ -330,7 +325,11 @@ def _record(
         "large-think": think.timings_ms["total"],
         "duo-agree": duo.timings_ms["stage1"],
         "duo-transfer": duo.timings_ms["total"],
-        "duo-confident": _chain_ms(duo),
+        "duo-confident": chain_ms(duo.large),  # the large agent's short answer alone
+    }
+    point.measured_stages = {
+        "large-think": stage_ms(think, concurrent=False),
+        "duo-transfer": stage_ms(duo, concurrent=False),
     }
     point.predicted_actual = {
         "large-think": predict_result(small, large, think, concurrent=False),
@@ -347,13 +346,14 @@ def _misses(points: Sequence[LengthPoint]) -> list[str]:
     out = []
     for point in points:
         for route, predicted in point.predicted_actual.items():
-            measured = point.measured.get(route)
+            measured = point.measured_stages.get(route)
             if not measured:
                 continue
             error = (predicted - measured) / measured * 100.0
             if abs(error) > lm.CHECK_WARN_PCT:
                 out.append(
-                    f"reasoning {point.reasoning_tokens}: {route} took {measured:.0f} ms, the latency "
-                    f"model predicted {predicted:.0f} ms ({error:+.0f}%, over ±{lm.CHECK_WARN_PCT:.0f}%)"
+                    f"reasoning {point.reasoning_tokens}: {route} spent {measured:.0f} ms in llama.cpp, "
+                    f"the latency model predicted {predicted:.0f} ms "
+                    f"({error:+.0f}%, over ±{lm.CHECK_WARN_PCT:.0f}%)"
                 )
     return out

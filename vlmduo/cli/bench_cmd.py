@@ -102,7 +102,7 @@ def simulate_names(text: str) -> tuple[str, str]:
 
 
 def build_simulated(
-    names: tuple[str, str], threads: int | None, console: Console
+    names: tuple[str, str], threads: int | None, console: Console, *, verbose: bool = False
 ) -> dict[str, ResolvedModel]:
     """Build (or find in the cache) both real-size models, with a progress bar."""
     from vlmduo import registry
@@ -121,7 +121,7 @@ def build_simulated(
                 f"about {need['final'] / 1e9:.1f} GB in {spec.folder}; {need['peak'] / 1e9:.0f} GB "
                 "of free disk needed while building"
             )
-        spec = _build_one(realsize, name, cache, threads, console)
+        spec = _build_one(realsize, name, cache, threads, console, verbose)
         entry = registry.load_registry().model(name)
         resolved[role] = ResolvedModel(
             name, spec.model_path, spec.mmproj_path, entry.thinking, entry.think_start, entry.think_end
@@ -129,7 +129,9 @@ def build_simulated(
     return resolved
 
 
-def _build_one(realsize: ModuleType, name: str, cache: Path, threads: int | None, console: Console) -> Any:
+def _build_one(
+    realsize: ModuleType, name: str, cache: Path, threads: int | None, console: Console, verbose: bool
+) -> Any:
     with progress_bar(console) as bar:
         task = bar.add_task(name, total=None)
 
@@ -137,7 +139,7 @@ def _build_one(realsize: ModuleType, name: str, cache: Path, threads: int | None
             bar.update(task, description=description, completed=done, total=total or None)
 
         try:
-            return realsize.ensure_built(name, cache, threads=threads, progress=progress)
+            return realsize.ensure_built(name, cache, threads=threads, progress=progress, verbose=verbose)
         except OSError as exc:
             raise VlmduoError(
                 f"cannot build {name}: {exc}", hint="free disk space or set VLMDUO_CACHE"
@@ -231,7 +233,7 @@ def bench(
     if names is not None:
         from vlmduo import api
 
-        resolved = build_simulated(names, threads, console)
+        resolved = build_simulated(names, threads, console, verbose=verbose)
         with console.status("Loading models…"):
             agents, _ = api.load_agents(resolved, settings)
     else:
@@ -285,7 +287,8 @@ def _run(
         warnings.insert(
             0,
             f"other processes used {env.other_cores:.1f} of the {env.cores} cores while this measured: "
-            "timings are slower and noisier than on an idle machine",
+            "timings are slower and noisier than on an idle machine (--threads 1 is steadier on a "
+            "shared one)",
         )
     for warning in warnings:
         console.print(Text(f"Warning: {warning}", style="yellow"), soft_wrap=False)

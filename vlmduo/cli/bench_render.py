@@ -79,8 +79,8 @@ def _coef(value: float) -> str:
 def fit_table(report: BenchReport, env: Environment) -> Table:
     """Each model's fitted stages and how well each fits (mean and worst error)."""
     table = _table(
-        "Latency model (ms, non-negative least squares): i image tokens, p prompt tokens, "
-        "n output tokens, k KV cells in thousands",
+        "Latency model (ms, non-negative least squares): i image tokens, p prompt tokens "
+        "in c llama.cpp calls, n output tokens, k KV cells in thousands",
         caption=env.short(),
     )
     width = max(len(f"{b.role}: {b.name}") for b in report.models.values())
@@ -108,7 +108,7 @@ def _formulas(fit: LatencyModel) -> list[tuple[str, str]]:
     c_per_k = fit.decode_ms_per_token_per_cell * 1000
     return [
         ("image", f"{_coef(fit.image_fixed_ms)} + {_coef(fit.encode_ms_per_token)}·i"),
-        ("prefill", f"{_coef(fit.prefill_fixed_ms)} + {_coef(fit.prefill_ms_per_token)}·p"),
+        ("prefill", f"{_coef(fit.prefill_ms_per_call)}·c + {_coef(fit.prefill_ms_per_token)}·p"),
         (
             "decode",
             f"{_coef(fit.decode_fixed_ms)} + n·({_coef(fit.decode_ms_per_token)} + {_coef(c_per_k)}·k)",
@@ -144,11 +144,13 @@ def modes_table(report: BenchReport, env: Environment) -> Table:
     """Each measured ask against the prediction for the tokens it generated."""
     way = "at once" if report.config.concurrent else "in turn"
     table = _table(
-        f"Measured asks vs the latency model for the tokens each generated (duo agents {way})",
+        f"Measured asks vs the latency model for the tokens each generated (duo agents {way}); "
+        "llama.cpp: time in its stages, what the model predicts; other: prompt rendering, grammar "
+        "and Python around them",
         caption=env.short(),
     )
     table.add_column("mode", min_width=13, no_wrap=True)
-    for name in ("tokens s/l/t", "predicted ms", "measured ms", "error"):
+    for name in ("tokens s/l/t", "predicted", "llama.cpp", "error", "other"):
         table.add_column(name, justify="right")
     for check in report.checks:
         table.add_row(_mode_name(check), *_check_cells(check))
@@ -165,8 +167,9 @@ def _check_cells(check: ModeCheck) -> list[str | Text]:
     return [
         "{small}/{large}/{transferred}".format(**check.tokens),
         num(check.predicted_ms),
-        num(check.measured_ms),
+        num(check.stages_ms),
         Text("–" if error is None else f"{error:+.0f}%", style=style),
+        num(check.outside_ms),
     ]
 
 
@@ -219,7 +222,16 @@ def render(console: Console, report: BenchReport, study: StudyReport | None, env
     """Every table and the chart, on stderr, wrapped to the console's width."""
 
     def show(item: Table | Text) -> None:
-        console.print(item, soft_wrap=False)  # the stderr console soft-wraps: long lines stay whole
+        # Titles and captions as paragraphs of the console's width, not of a narrow table's;
+        # soft_wrap off: the stderr console would otherwise leave long lines unwrapped.
+        title = caption = None
+        if isinstance(item, Table):
+            title, caption, item.title, item.caption = item.title, item.caption, None, None
+        if title:
+            console.print(Text.from_markup(str(title), style="bold"), soft_wrap=False)
+        console.print(item, soft_wrap=False)
+        if caption:
+            console.print(Text.from_markup(str(caption), style="dim"), soft_wrap=False)
 
     show(Text(f"Measured: {env.line()}", style="dim"))
     show(components_table(report, env))
@@ -259,8 +271,8 @@ def simulated_info(names: tuple[str, str]) -> dict[str, object]:
 
 
 def write_plot(report: BenchReport, path: Path, env: Environment) -> None:
-    """Whole-run latency against output tokens: each measured series (model, prompt length)
-    as points, its fitted curve as a line of the same colour, and a legend."""
+    """Whole-run latency against output tokens, one panel per model: each measured series
+    (a prompt length) as points, its fitted curve as a line of the same colour, a legend."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -268,22 +280,22 @@ def write_plot(report: BenchReport, path: Path, env: Environment) -> None:
 
     from vlmduo.latency_model import Prompt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for bench in report.models.values():
-        for prompt_tokens, runs in _series(bench).items():
-            points = ax.scatter([r.output_tokens for r in runs], [r.ms for r in runs], s=16)
+    models = list(report.models.values())
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, bench in zip(axes[0], models, strict=True):
+        for prompt_tokens, runs in sorted(_series(bench).items()):
+            label = f"{prompt_tokens}-token prompt"
+            points = ax.scatter([r.output_tokens for r in runs], [r.ms for r in runs], s=18, label=label)
             if bench.fit is None:
                 continue
             top = max(r.output_tokens for r in runs)
             xs = list(range(0, top + 1, max(1, top // 100)))
             prompt = Prompt(prompt_tokens, bench.prefix_image_tokens)
-            ys = [bench.fit.run_ms(prompt, x) for x in xs]
-            label = f"{bench.role} {bench.name}, {prompt_tokens}-token prompt"
-            ax.plot(xs, ys, color=points.get_facecolor()[0], label=label)
-    ax.set_xlabel("output tokens")
-    ax.set_ylabel("latency of the run (ms)")
-    ax.set_title("Measured runs (points) and the fitted latency model (lines)")
-    ax.legend(fontsize="small")
+            ax.plot(xs, [bench.fit.run_ms(prompt, x) for x in xs], color=points.get_facecolor()[0])
+        ax.set_title(f"{bench.role}: {bench.name}", fontsize="medium")
+        ax.set_xlabel("output tokens")
+        ax.set_ylabel("latency of the run (ms)")
+        ax.legend(fontsize="small", title="points measured, lines fitted", title_fontsize="small")
     fig.text(0.01, 0.005, env.short(), fontsize="x-small")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     try:
