@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
+from vlmduo import fixtures
 from vlmduo.fixtures import common, qwen3vl, realsize
 
 # Rows of 256 so that K-quants apply, as on the real shapes.
@@ -182,3 +183,18 @@ def test_disk_check_names_the_shortfall(tmp_path: Path) -> None:
     realsize.check_disk(tmp_path / "new" / "dir", 1)
     with pytest.raises(OSError, match="GB free"):
         realsize.check_disk(tmp_path, 10**18)
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl", "gemma3", "smolvlm", "internvl"])
+def test_every_family_builds_through_the_streamed_path(family: str, tmp_path: Path) -> None:
+    """Each family's builder at its tiny default shape, through the same seams and quantiser."""
+    from vlmduo.engine import EngineSettings, VisionLanguageModel
+
+    module = fixtures.builder(family)
+    fields = {f.name for f in dataclasses.fields(module.Shape)}
+    params = {"lm_ftype": "f16"} if "lm_ftype" in fields else {}
+    spec = realsize.RealSizeSpec(family, family, params, "Q8_0", "tiny", "test", tmp_path / family)
+    realsize.build_spec(spec, threads=1)
+    assert gguf.GGUFReader(spec.model_path).fields["general.file_type"].parts[-1][0] == 7  # Q8_0
+    model = VisionLanguageModel(spec.model_path, spec.mmproj_path, EngineSettings(n_ctx=512, n_threads=1))
+    assert model.has_vision

@@ -22,6 +22,8 @@ from vlmduo.errors import UsageError, VlmduoError
 if TYPE_CHECKING:  # the core loads numpy: imported when the command runs, not for --help
     from vlmduo.agents import Agent
     from vlmduo.api import ResolvedModel
+    from vlmduo.bench import BenchConfig
+    from vlmduo.study import StudyConfig
 
 HELP = """Measure where a pair's latency goes, fit a latency model, show the crossover.
 
@@ -157,28 +159,34 @@ def bench(
         typer.Option(help="Build random-weight models of two real shapes (small,large) and study them."),
     ] = None,
     reps: Annotated[
-        int | None, typer.Option(help="Repetitions of each measurement [3; 1 simulated].")
+        int | None, typer.Option(help="Repetitions of each measurement (3; 1 simulated).")
     ] = None,
-    image_sizes: Annotated[str | None, typer.Option(help="Square image sizes in px [224,448,896].")] = None,
-    prompt_lengths: Annotated[str | None, typer.Option(help="Filler prompt tokens [64,256,1024].")] = None,
-    decode_lengths: Annotated[str | None, typer.Option(help="Forced output tokens [16,64,256].")] = None,
+    image_sizes: Annotated[
+        str | None, typer.Option(help="Square image sizes in px (224,448,896; 224,448 simulated).")
+    ] = None,
+    prompt_lengths: Annotated[
+        str | None, typer.Option(help="Filler prompt tokens (64,256,1024; 32,128 simulated).")
+    ] = None,
+    decode_lengths: Annotated[
+        str | None, typer.Option(help="Forced output tokens (16,64,256; 8,32 simulated).")
+    ] = None,
     think_budget: Annotated[int, typer.Option(help="Reasoning tokens for predictions and checks.")] = 256,
     max_answer_tokens: Annotated[int, typer.Option(help="Answer tokens for predictions and checks.")] = 16,
     transfer_budget: Annotated[int, typer.Option(help="Transferred tokens for predictions.")] = 64,
     check: Annotated[
-        bool | None, typer.Option(help="Measure one ask per mode against its prediction [off simulated].")
+        bool | None, typer.Option(help="Measure one ask per mode against its prediction (not simulated).")
     ] = None,
     concurrent: Annotated[
         bool, typer.Option(help="Run the duo's two agents at once in the checks (default: in turn).")
     ] = False,
     study: Annotated[
-        bool | None, typer.Option(help="Sweep reasoning lengths: duo vs large-think [on with --simulate].")
+        bool | None, typer.Option(help="Sweep reasoning lengths, duo vs large-think (on with --simulate).")
     ] = None,
     reasoning_lengths: Annotated[
         str, typer.Option(help="Reasoning lengths of the study, in tokens.")
     ] = "64,128,256,512,1024",
     measure_lengths: Annotated[
-        str | None, typer.Option(help="Lengths the study measures; the others only predicted [all].")
+        str | None, typer.Option(help="Lengths the study measures, the others only predicted (all).")
     ] = None,
     agreement: Annotated[
         str, typer.Option(help="Agreement rates of the study: 0.5, 86% or counts 3736/4329.")
@@ -222,6 +230,7 @@ def bench(
     run_study = names is not None if study is None else study
     if run_study:
         study_config.validate()
+    # Reasoning, transfer and ~1000 cells for image and question must fit the context.
     if run_study and max(study_config.reasoning_lengths) + transfer_budget + 1024 > ctx:
         raise UsageError(
             f"--ctx {ctx} is too small for reasoning {max(study_config.reasoning_lengths)} tokens",
@@ -246,8 +255,8 @@ def bench(
 
 def _run(
     agents: dict[str, Agent],
-    config: object,
-    study_config: object | None,
+    config: BenchConfig,
+    study_config: StudyConfig | None,
     names: tuple[str, str] | None,
     settings: EngineSettings,
     console: Console,
@@ -265,12 +274,14 @@ def _run(
         def progress(description: str, done: int, total: int) -> None:
             bar.update(task, description=description, completed=done, total=total)
 
-        report = run_bench(agents["small"], agents["large"], config, progress=progress)  # type: ignore[arg-type]
+        small, large = agents["small"], agents["large"]
+        report = run_bench(small, large, config, progress=progress)
         studied = None
         if study_config is not None and not report.interrupted and report.predicted_modes:
-            studied = run_study(agents["small"], agents["large"], report, study_config, progress=progress)  # type: ignore[arg-type]
+            studied = run_study(small, large, report, study_config, progress=progress)
+    simulated = out.simulated_info(names) if names is not None else None
     if not json_out:
-        out.render(console, report, studied, env)
+        out.render(console, report, studied, env, simulated)
     if plot is not None and any(b.runs for b in report.models.values()):
         out.write_plot(report, plot, env)
         console.print(f"[dim]Plot written to {plot}[/]")
@@ -279,8 +290,8 @@ def _run(
         data["environment"] = env.__dict__
         if studied is not None:
             data["study"] = studied.to_json()
-        if names is not None:
-            data["simulated"] = out.simulated_info(names)
+        if simulated is not None:
+            data["simulated"] = simulated
         print(json.dumps(data, ensure_ascii=False))
     warnings = report.warnings + (studied.warnings if studied else [])
     if env.busy:

@@ -218,7 +218,28 @@ def _pair(predicted: float | None, measured: float | None, scale: float) -> str:
     return f"{show(predicted)}/{show(measured)}"
 
 
-def render(console: Console, report: BenchReport, study: StudyReport | None, env: Environment) -> None:
+def simulated_lines(info: dict[str, dict]) -> list[str]:
+    """One line per simulated model: what was built, from which dimensions, against the published."""
+    lines = []
+    for name, built in info.items():
+        size = built["bytes"]
+        published = f", published {built['published_gb']} GB" if built.get("published_gb") else ""
+        took = sum(built.get("times_s", {}).values())
+        lines.append(
+            f"{name}: {built['quant']} {size['model'] / 1e9:.2f} GB + projector {built['projector']} "
+            f"{size['mmproj'] / 1e9:.2f} GB{published} ({built['published']}); dimensions: "
+            f"{built['dims_source']}; built here in {took:.0f} s"
+        )
+    return lines
+
+
+def render(
+    console: Console,
+    report: BenchReport,
+    study: StudyReport | None,
+    env: Environment,
+    simulated: dict[str, dict] | None = None,
+) -> None:
     """Every table and the chart, on stderr, wrapped to the console's width."""
 
     def show(item: Table | Text) -> None:
@@ -234,6 +255,10 @@ def render(console: Console, report: BenchReport, study: StudyReport | None, env
             console.print(Text.from_markup(str(caption), style="dim"), soft_wrap=False)
 
     show(Text(f"Measured: {env.line()}", style="dim"))
+    if simulated:
+        show(Text("Simulated models (random weights of the real shapes, never downloaded):", style="bold"))
+        for line in simulated_lines(simulated):
+            show(Text(f"  {line}", style="dim"))
     show(components_table(report, env))
     show(fit_table(report, env))
     if report.crossover:
