@@ -29,6 +29,7 @@ from vlmduo.latency_model import (
 TRUE = LatencyModel(
     image_fixed_ms=3.0,
     encode_ms_per_token=0.4,
+    encode_ms_per_token_squared=0.0002,
     prefill_ms_per_call=2.0,
     prefill_ms_per_token=0.05,
     decode_fixed_ms=1.0,
@@ -101,7 +102,7 @@ def test_decode_cost_grows_with_the_context(tokens: int, context: int, expected:
 def test_run_is_the_sum_of_its_stages() -> None:
     prompt = Prompt(tokens=300, image_tokens=196)
     # text, the image in one batch, text: 3 calls
-    expected = (3.0 + 0.4 * 196) + (3 * 2.0 + 0.05 * 300) + TRUE.decode_ms(50, 300)
+    expected = (3.0 + 0.4 * 196 + 0.0002 * 196**2) + (3 * 2.0 + 0.05 * 300) + TRUE.decode_ms(50, 300)
     assert TRUE.run_ms(prompt, 50) == pytest.approx(expected)
     assert TRUE.run_ms(Prompt(40), 0) == pytest.approx(2.0 + 0.05 * 40)  # no image, no output
     assert TRUE.token_ms(1000) == pytest.approx(6.0)
@@ -144,6 +145,7 @@ def test_fit_recovers_every_cost() -> None:
     for name in (
         "image_fixed_ms",
         "encode_ms_per_token",
+        "encode_ms_per_token_squared",
         "prefill_ms_per_call",
         "prefill_ms_per_token",
         "decode_fixed_ms",
@@ -175,8 +177,18 @@ def test_one_token_count_folds_the_fixed_cost_into_the_per_token_one() -> None:
     samples = [StageSample("image", 256, 100.0), StageSample("image", 256, 110.0)]
     samples += [StageSample("decode", n, 2.0 * n, context=10) for n in (4, 8, 16)]
     fit = fit_model(samples)
-    assert fit.image_fixed_ms == 0.0
+    assert fit.image_fixed_ms == 0.0 and fit.encode_ms_per_token_squared == 0.0
     assert fit.image_ms(256) == pytest.approx(105.0, rel=0.05)
+    assert fit.quality["image"].params == 1 and not fit.quality["image"].exact
+
+
+def test_two_image_sizes_fit_a_fixed_and_a_per_token_cost_exactly() -> None:
+    samples = [StageSample("image", 49, 10.0 + 49), StageSample("image", 196, 10.0 + 196)]
+    samples += [StageSample("decode", n, 2.0 * n, context=10) for n in (4, 8, 16)]
+    fit = fit_model(samples)
+    assert (fit.image_fixed_ms, fit.encode_ms_per_token) == pytest.approx((10.0, 1.0))
+    assert fit.encode_ms_per_token_squared == 0.0
+    assert fit.quality["image"].exact  # two samples, two costs: the error says nothing
 
 
 @pytest.mark.parametrize(

@@ -477,7 +477,7 @@ def fit_warnings(name: str, fit: lm.LatencyModel) -> list[str]:
     """One line per fit (a stage or whole runs) whose mean error is over the threshold."""
     out = []
     for part, quality in fit.quality.items():
-        if quality.mean_abs_pct_error > lm.FIT_WARN_PCT:
+        if not quality.exact and quality.mean_abs_pct_error > lm.FIT_WARN_PCT:
             what = "whole runs" if part == "total" else f"its {part} times"
             out.append(
                 f"{name}: the latency model misses {what} by {quality.mean_abs_pct_error:.0f}% on "

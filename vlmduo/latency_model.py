@@ -3,8 +3,9 @@
 The study behind vlmduo splits a VLM's time into its stages. Each is a linear
 function of token counts with non-negative costs:
 
-- ``image(i) = image_fixed + encode · i``: preprocess and vision encoder, ``i``
-  image tokens;
+- ``image(i) = image_fixed + encode · i + attend · i²``: preprocess and vision
+  encoder, ``i`` image tokens (the encoder's self-attention over the patches
+  grows with their square);
 - ``prefill(p) = prefill_call · calls + prefill · p``: ``p`` prompt tokens into
   the KV cache, batched (cheap per token), in ``calls`` calls to llama.cpp (one
   per batch of ``n_batch`` tokens, and one per text or image chunk);
@@ -57,15 +58,25 @@ class RunSample:
 
 @dataclass(frozen=True)
 class FitQuality:
-    """How well fitted values follow the samples: R², mean and worst relative error (%)."""
+    """How well fitted values follow the samples: R², mean and worst relative error (%).
+
+    ``params`` is how many costs were fitted to the ``n`` samples: with as many
+    samples as costs the fit is exact by construction and its error says nothing.
+    """
 
     n: int
     r2: float
     mean_abs_pct_error: float
     max_abs_pct_error: float
+    params: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """True when there were no more samples than fitted costs."""
+        return 0 < self.n <= self.params
 
     @classmethod
-    def of(cls, measured: Sequence[float], predicted: Sequence[float]) -> FitQuality:
+    def of(cls, measured: Sequence[float], predicted: Sequence[float], params: int = 0) -> FitQuality:
         """Compare predictions with positive measurements."""
         y, p = np.asarray(measured, dtype=float), np.asarray(predicted, dtype=float)
         ss_res = float(np.sum((y - p) ** 2))
@@ -73,7 +84,7 @@ class FitQuality:
         # Constant timings leave nothing to explain: a perfect fit still scores 1.
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
         rel = np.abs(p - y) / y * 100.0
-        return cls(len(y), r2, float(rel.mean()), float(rel.max()))
+        return cls(len(y), r2, float(rel.mean()), float(rel.max()), params)
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class LatencyModel:
 
     image_fixed_ms: float = 0.0
     encode_ms_per_token: float = 0.0
+    encode_ms_per_token_squared: float = 0.0
     prefill_ms_per_call: float = 0.0
     prefill_ms_per_token: float = 0.0
     decode_fixed_ms: float = 0.0
@@ -116,7 +128,10 @@ class LatencyModel:
 
     def image_ms(self, image_tokens: int) -> float:
         """Preprocess and encode of an image of ``image_tokens`` tokens (0: no image)."""
-        return self.image_fixed_ms + self.encode_ms_per_token * image_tokens if image_tokens else 0.0
+        if not image_tokens:
+            return 0.0
+        square = self.encode_ms_per_token_squared * image_tokens * image_tokens
+        return self.image_fixed_ms + self.encode_ms_per_token * image_tokens + square
 
     def prefill_ms(self, tokens: int, calls: int | None = None) -> float:
         """Prefill of ``tokens`` tokens in ``calls`` calls (default: batches of ``n_batch``)."""
@@ -207,14 +222,15 @@ def fit_linear(rows: Sequence[Sequence[float]], ms: Sequence[float]) -> tuple[np
     design = np.asarray(rows, dtype=float)
     y = np.asarray(ms, dtype=float)
     coef = nnls(design / y[:, None], np.ones_like(y))
-    return coef, FitQuality.of(y, design @ coef)
+    params = int(np.count_nonzero(np.any(design != 0, axis=0)))
+    return coef, FitQuality.of(y, design @ coef, params)
 
 
 # -- fitting a model --------------------------------------------------------------------
 
 
 def _image_rows(s: StageSample) -> list[float]:
-    return [1.0, s.tokens]
+    return [1.0, s.tokens, s.tokens * s.tokens]
 
 
 def _prefill_rows(s: StageSample) -> list[float]:
@@ -230,11 +246,20 @@ _ROWS: dict[str, Callable[[StageSample], list[float]]] = {
     "prefill": _prefill_rows,
     "decode": _decode_rows,
 }
+# Which columns to keep, most telling first, when the samples cannot separate them all.
+_PRIORITY = {"image": (1, 0, 2), "prefill": (1, 0), "decode": (1, 2, 0)}
 _FIELDS = {
-    "image": ("image_fixed_ms", "encode_ms_per_token"),
+    "image": ("image_fixed_ms", "encode_ms_per_token", "encode_ms_per_token_squared"),
     "prefill": ("prefill_ms_per_call", "prefill_ms_per_token"),
     "decode": ("decode_fixed_ms", "decode_ms_per_token", "decode_ms_per_token_per_cell"),
 }
+
+
+def _separable(rows: list[list[float]], priority: Sequence[int]) -> list[list[float]]:
+    """Zero the least telling columns until no more costs are fitted than there are
+    distinct samples: two image sizes fit a fixed and a per-token cost, one only the latter."""
+    keep = set(priority[: len({tuple(row) for row in rows})])
+    return [[v if j in keep else 0.0 for j, v in enumerate(row)] for row in rows]
 
 
 def check_samples(samples: Sequence[StageSample]) -> None:
@@ -253,9 +278,9 @@ def fit_model(
 ) -> LatencyModel:
     """Fit each stage that has samples; ``runs`` (whole runs) measure the end-to-end error.
 
-    A stage needs samples at 2 or more token counts (decode: also at 2 or more
-    contexts, or 3 lengths) to separate its costs; with a single count, the
-    fixed cost is folded into the per-token one. ValueError when there is no
+    A stage fits at most as many costs as it has distinct samples, the most
+    telling first (per token, then fixed, then the squared or context term): one
+    image size gives a cost per image token only. ValueError when there is no
     decode sample at all: without a cost per output token nothing can be predicted.
     """
     check_samples(samples)
@@ -265,9 +290,7 @@ def fit_model(
         chosen = [s for s in samples if s.stage == stage and s.tokens > 0]
         if not chosen:
             continue
-        rows = [_ROWS[stage](s) for s in chosen]
-        if len({tuple(row) for row in rows}) < 2:
-            rows = [[0.0, *row[1:]] for row in rows]  # one count: per-token cost only
+        rows = _separable([_ROWS[stage](s) for s in chosen], _PRIORITY[stage])
         coef, quality[stage] = fit_linear(rows, [s.ms for s in chosen])
         values.update(zip(_FIELDS[stage], (float(c) for c in coef), strict=True))
     if "decode" not in quality:

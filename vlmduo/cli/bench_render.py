@@ -101,13 +101,19 @@ def fit_table(report: BenchReport, env: Environment) -> Table:
 
 
 def _errors(quality: FitQuality) -> str:
+    if quality.exact:
+        return f"exact, n={quality.n}"  # as many samples as costs: no error to speak of
     return f"{quality.mean_abs_pct_error:.0f}%/{quality.max_abs_pct_error:.0f}%"
 
 
 def _formulas(fit: LatencyModel) -> list[tuple[str, str]]:
     c_per_k = fit.decode_ms_per_token_per_cell * 1000
     return [
-        ("image", f"{_coef(fit.image_fixed_ms)} + {_coef(fit.encode_ms_per_token)}·i"),
+        (
+            "image",
+            f"{_coef(fit.image_fixed_ms)} + {_coef(fit.encode_ms_per_token)}·i"
+            + (f" + {_coef(fit.encode_ms_per_token_squared)}·i²" if fit.encode_ms_per_token_squared else ""),
+        ),
         ("prefill", f"{_coef(fit.prefill_ms_per_call)}·c + {_coef(fit.prefill_ms_per_token)}·p"),
         (
             "decode",
