@@ -354,7 +354,7 @@ def test_fit_warnings_over_15_percent(error: float, warned: bool) -> None:
 
 
 def test_study_predicts_and_measures_every_route(agents, report) -> None:
-    config = StudyConfig(reasoning_lengths=(4, 12), agreement=("0.5", "3736/4329"), answer_tokens=2)
+    config = StudyConfig(reasoning_lengths=(4, 12), agreement=("0.5", "3736/4329"), answer_cap=2)
     study = run_study(*agents, report, config)
     assert not study.interrupted and study.complete == ["m=4", "m=12"]
     for point in study.points:

@@ -50,7 +50,10 @@ class StudyConfig:
     reasoning_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
     agreement: tuple[str, ...] = ("0.5", PAPER_AGREEMENT)  # rates as written: 0.5, 86%, 3736/4329
     confident: str = "0.5"  # the confidence policy's share of confident answers
-    answer_tokens: int = 16
+    # The study's question is multiple choice, as MMBench's: the constrained answer
+    # is one letter, one token (predictions); the asks cap it at answer_cap.
+    answer_tokens: int = 1
+    answer_cap: int = 16
     transfer_tokens: int = 64
     measure: bool = True  # run the asks; False: predictions only
     measure_lengths: tuple[int, ...] | None = None  # the lengths to measure (None: all)
@@ -310,7 +313,7 @@ def _ask(question: Any, config: StudyConfig, think: int, mode: str, small: Agent
         mode=mode,
         policy="always",  # the transfer route: its stage 1 is the agree route's time
         think_budget=think,
-        max_answer_tokens=config.answer_tokens,
+        max_answer_tokens=config.answer_cap,
         transfer_budget=config.transfer_tokens,
         sequential=True,  # each agent with all the threads, as the fits were measured
         seed=config.seed,

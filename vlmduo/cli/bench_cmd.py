@@ -223,7 +223,7 @@ def bench(
         reasoning_lengths=int_list(reasoning_lengths, "--reasoning-lengths"),
         agreement=tuple(opt.name_list(agreement)),
         confident=confident,
-        answer_tokens=max_answer_tokens,
+        answer_cap=max_answer_tokens,
         transfer_tokens=transfer_budget,
         measure_lengths=int_list(measure_lengths, "--measure-lengths") if measure_lengths else None,
     )
