@@ -251,6 +251,22 @@ def test_cli_plot_without_matplotlib_fails_with_a_hint(tmp_path, isolated_env) -
     assert "Traceback" not in err and proc.stdout == b""
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threads", "0"], "--threads 0"),
+        (["--simulate", "qwen3-vl-2b-thinking"], "--simulate takes two names"),
+        (["--simulate", "synthetic-small,qwen3-vl-8b-instruct"], "no real shape for 'synthetic-small'"),
+        (["--study", "--agreement", "1.5"], "between 0 and 1"),
+        (["--study", "--measure-lengths", "99"], "not among --reasoning-lengths"),
+    ],
+)
+def test_cli_refuses_before_any_work(args: list[str], message: str, isolated_env) -> None:
+    proc = run_cli(["bench", "--small", "x.gguf", "--large", "y.gguf", *args], isolated_env)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert message in proc.stderr.decode() and proc.stdout == b""
+
+
 def test_cli_usage_error(isolated_env) -> None:
     proc = run_cli(["bench", "--small", "x.gguf", "--large", "y.gguf", "--prompt-lengths", "8"], isolated_env)
     assert proc.returncode == 2

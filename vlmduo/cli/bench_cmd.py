@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from vlmduo.cli import bench_render as out
+from vlmduo.cli import checks
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
 from vlmduo.cli.render import progress_bar, stderr_console
@@ -203,6 +204,7 @@ def bench(
     from vlmduo.bench import BenchConfig
     from vlmduo.study import StudyConfig
 
+    checks.engine(ctx=ctx, threads=threads)
     if plot is not None:
         require_matplotlib()
     names = simulate_names(simulate) if simulate else None
