@@ -28,6 +28,7 @@ from vlmduo.bench import (
     predict_result,
     run_bench,
     stage_ms,
+    steady_steps,
 )
 from vlmduo.engine import TokenEvent
 from vlmduo.errors import UsageError
@@ -412,3 +413,19 @@ def test_cli_tables_fit_80_columns_with_names_whole(isolated_env) -> None:
         assert name in err
     assert "synthetic tiny models (random weights)" in err and "answers not reported" in err
     assert "Duo speedup over large-think" in err
+
+
+@pytest.mark.parametrize(
+    ("runs", "expected"),
+    [
+        ([[5.0, 1.0, 1.0, 1.0]], [5.0, 1.0, 1.0, 1.0]),  # the first step is kept
+        ([[2.0, 1.0, 9.0, 1.0, 1.0]], [2.0, 1.0, 1.0, 1.0, 1.0]),  # a preempted step is an outlier
+        ([[1.0] + [1.0, 1.0, 1.0, 1.0, 30.0, 31.0, 1.0, 1.0, 1.0, 1.0, 1.0]], [1.0] * 12),  # two in a row
+        ([[1.0, 4.0, 1.0], [3.0, 1.0, 9.0]], [1.0, 1.0, 1.0]),  # the fastest repetition of each step
+        ([[1.0, 1.0, 2.0, 3.0, 4.0]], [1.0, 1.0, 2.0, 3.0, 4.0]),  # a steady growth stays
+        ([[1.0, 2.0], [1.0]], [1.0]),
+        ([], []),
+    ],
+)
+def test_steady_steps(runs: list[list[float]], expected: list[float]) -> None:
+    assert steady_steps(runs) == pytest.approx(expected)

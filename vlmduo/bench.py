@@ -10,6 +10,12 @@ on and predicts every mode's time, then checks the predictions against a
 measured ``pipeline.ask`` of each mode, and says when a fit or a prediction
 misses.
 
+The fits use the steady cost of each measurement: the fastest of its
+repetitions (interference from other processes only ever adds time) and, for
+decode, the median of neighbouring steps, so that a step preempted by another
+process does not count as a slower context. The tables show the raw medians
+and ranges.
+
 Pure measurement: progress goes to a callback, rendering is the CLI's job.
 Ctrl-C stops the measuring but keeps what was measured; ``complete`` says which
 parts finished.
@@ -293,8 +299,8 @@ def _measure_model(
             # The prompt around the image is text, image (in batches), text: that many calls.
             calls = 2 + lm.prefill_calls(point.image_tokens, model.n_batch)
             bench.stage_samples += [
-                lm.StageSample("image", point.image_tokens, point.preprocess.median + point.encode.median),
-                lm.StageSample("prefill", point.cells, point.prefill.median, calls=calls),
+                lm.StageSample("image", point.image_tokens, point.preprocess.low + point.encode.low),
+                lm.StageSample("prefill", point.cells, point.prefill.low, calls=calls),
             ]
         complete.append(f"{bench.role}:image")
     else:
@@ -364,7 +370,7 @@ def _measure_prompt_and_decode(
     # Rewind by position; count context by KV cells (M-RoPE images fill more
     # cells than they advance positions).
     base, cells = session.n_past, session.n_kv
-    fits = {s.size: s.total.median for s in bench.image}
+    fits = {s.size: s.total.low for s in bench.image}
     bench.prefix_ms = fits.get(config.fit_image_size, prefix_ms)
     bench.prefix_tokens, bench.prefix_image_tokens = cells, session.n_image_tokens
     n_decode = max(config.decode_lengths)
@@ -378,7 +384,7 @@ def _measure_prompt_and_decode(
         text = filler_text(model, length)
         prefill_ms: list[float] = []
         per_token: list[float] = []
-        cumulative: list[list[float]] = []
+        steps: list[list[float]] = []
         restarts, n_tokens = 0, 0
         for rep in range(config.reps):
             session.rewind(base)
@@ -388,21 +394,35 @@ def _measure_prompt_and_decode(
             deltas, extra = forced_decode(session, n_decode)
             restarts += extra
             per_token.append(statistics.median(deltas) if deltas else math.nan)
-            cumulative.append(_cumsum(deltas))
+            steps.append(deltas)
             tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
         bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
         bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
-        prefill = statistics.median(prefill_ms)
+        prefill = min(prefill_ms)
         calls = lm.prefill_calls(n_tokens, model.n_batch)
         bench.stage_samples.append(lm.StageSample("prefill", n_tokens, prefill, context=cells, calls=calls))
+        cumulative = _cumsum(steady_steps(steps))
         for n in sorted(set(config.decode_lengths)):
-            decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
-            if decode_ms:
-                decode = statistics.median(decode_ms)
+            if n <= len(cumulative):
+                decode = cumulative[n - 1]
                 context = cells + n_tokens
                 bench.stage_samples.append(lm.StageSample("decode", n, decode, context=context))
                 run_ms = bench.prefix_ms + prefill + decode
                 bench.runs.append(lm.RunSample(bench.prefix_image_tokens, context, n, run_ms))
+
+
+def steady_steps(runs: Sequence[Sequence[float]], window: int = 9) -> list[float]:
+    """Each decode step's steady cost: its fastest repetition, then the median of the
+    steps centred on it, up to ``window`` (a step preempted by another process is an
+    outlier; the slow growth with the context is not: a centred median keeps a trend).
+    The first step, which sets up sampling, is kept as it is."""
+    n = min((len(r) for r in runs), default=0)
+    fastest = [min(r[k] for r in runs) for k in range(n)]
+    out = fastest[:1]
+    for k in range(1, n):
+        half = min(window // 2, k - 1, n - 1 - k)
+        out.append(statistics.median(fastest[k - half : k + half + 1]))
+    return out
 
 
 def _cumsum(values: Sequence[float]) -> list[float]:
