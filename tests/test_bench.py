@@ -18,6 +18,7 @@ from conftest import run_cli
 
 from vlmduo import latency_model as lm
 from vlmduo.agents import Agent, AgentResult
+from vlmduo.ask_timing import predict_result, stage_ms
 from vlmduo.bench import (
     CHECK_MODES,
     BenchConfig,
@@ -25,9 +26,7 @@ from vlmduo.bench import (
     filler_text,
     fit_warnings,
     forced_decode,
-    predict_result,
     run_bench,
-    stage_ms,
     steady_steps,
 )
 from vlmduo.engine import TokenEvent

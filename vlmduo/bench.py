@@ -33,6 +33,7 @@ from typing import Any
 
 from vlmduo import latency_model as lm
 from vlmduo.agents import Agent
+from vlmduo.ask_timing import ModeCheck, predict_result, stage_ms
 from vlmduo.engine import Session, VisionLanguageModel
 from vlmduo.errors import UsageError
 from vlmduo.images import LoadedImage, synthetic_image
@@ -167,36 +168,6 @@ class ModelBench:
         return lm.Prompt(self.prefix_tokens + QUESTION_TOKENS, self.prefix_image_tokens)
 
 
-@dataclass(frozen=True)
-class ModeCheck:
-    """A measured ``ask`` of one mode against the prediction for its actual token counts.
-
-    ``stages_ms`` is the time inside llama.cpp's stages (image, encode, prefill,
-    decode, transfer), what the latency model predicts; ``measured_ms`` the
-    whole ask, which adds Python work around them (prompt rendering, grammar
-    set-up, answer parsing): ``outside_ms``.
-    """
-
-    mode: str
-    route: str | None
-    measured_ms: float
-    stages_ms: float
-    predicted_ms: float | None
-    tokens: dict[str, int]
-
-    @property
-    def outside_ms(self) -> float:
-        """Wall time of the ask outside the timed stages."""
-        return max(0.0, self.measured_ms - self.stages_ms)
-
-    @property
-    def error_pct(self) -> float | None:
-        """(predicted - measured stages) / measured stages, in percent."""
-        if self.predicted_ms is None or self.stages_ms <= 0:
-            return None
-        return (self.predicted_ms - self.stages_ms) / self.stages_ms * 100.0
-
-
 @dataclass
 class BenchReport:
     """The whole analysis; ``complete`` lists the parts that finished."""
@@ -293,8 +264,7 @@ def _measure_model(
     complete.append(f"{bench.role}:load")
     tick(f"{bench.name}: loaded")
     if model.has_vision:
-        for size in config.image_sizes:
-            point = _measure_image(model, size, config, tick)
+        for point in _measure_images(model, config, tick):
             bench.image.append(point)
             # The prompt around the image is text, image (in batches), text: that many calls.
             calls = 2 + lm.prefill_calls(point.image_tokens, model.n_batch)
@@ -314,30 +284,36 @@ def bench_image(size: int, seed: int) -> LoadedImage:
     return dataclasses.replace(synthetic_image(size, size, seed=seed), decode_ms=0.0)
 
 
-def _measure_image(model: VisionLanguageModel, size: int, config: BenchConfig, tick: _Ticker) -> ImagePoint:
-    image = bench_image(size, config.seed)
+def _measure_images(model: VisionLanguageModel, config: BenchConfig, tick: _Ticker) -> list[ImagePoint]:
+    """Every image size, repetitions interleaved (each size once, then again...), so that
+    a busy spell of the machine spreads over the sizes instead of skewing one."""
     prompt = model.render_prompt("Describe the image.", image=True)
-    runs: list[dict[str, float]] = []
-    tokens = cells = 0
+    images = [bench_image(size, config.seed) for size in config.image_sizes]
+    runs: list[list[dict[str, float]]] = [[] for _ in images]
+    counts = [(0, 0)] * len(images)
     for rep in range(config.reps):
-        session = model.session()
-        session.prefill(prompt, image)
-        runs.append(dict(session.times.ms))
-        tokens, cells = session.n_image_tokens, session.n_kv
-        tick(f"{model.name}: image {size}px ({rep + 1}/{config.reps})")
+        for i, image in enumerate(images):
+            session = model.session()
+            session.prefill(prompt, image)
+            runs[i].append(dict(session.times.ms))
+            counts[i] = (session.n_image_tokens, session.n_kv)
+            tick(f"{model.name}: image {image.width}px ({rep + 1}/{config.reps})")
 
-    def stat(*stages: str) -> Stat:
-        return Stat.of([sum(run.get(s, 0.0) for s in stages) for run in runs])
+    def stat(i: int, *stages: str) -> Stat:
+        return Stat.of([sum(run.get(s, 0.0) for s in stages) for run in runs[i]])
 
-    return ImagePoint(
-        size=size,
-        image_tokens=tokens,
-        cells=cells,
-        preprocess=stat("image"),
-        encode=stat("encode"),
-        prefill=stat("prefill"),
-        total=stat("image", "encode", "prefill"),
-    )
+    return [
+        ImagePoint(
+            size=size,
+            image_tokens=counts[i][0],
+            cells=counts[i][1],
+            preprocess=stat(i, "image"),
+            encode=stat(i, "encode"),
+            prefill=stat(i, "prefill"),
+            total=stat(i, "image", "encode", "prefill"),
+        )
+        for i, size in enumerate(config.image_sizes)
+    ]
 
 
 def filler_text(model: VisionLanguageModel, n_tokens: int) -> str:
@@ -380,32 +356,33 @@ def _measure_prompt_and_decode(
             f"{model.name}: the bench needs a {needed}-token context, the model has {model.n_ctx}",
             hint=f"raise --ctx to {needed} or shorten --prompt-lengths/--decode-lengths",
         )
-    for length in sorted(set(config.prompt_lengths)):
-        text = filler_text(model, length)
-        prefill_ms: list[float] = []
-        per_token: list[float] = []
-        steps: list[list[float]] = []
-        restarts, n_tokens = 0, 0
-        for rep in range(config.reps):
+    lengths = sorted(set(config.prompt_lengths))
+    texts = [filler_text(model, length) for length in lengths]
+    prefill_ms: list[list[float]] = [[] for _ in lengths]
+    steps: list[list[list[float]]] = [[] for _ in lengths]
+    tokens, restarts = [0] * len(lengths), [0] * len(lengths)
+    for rep in range(config.reps):  # interleaved, as for the images
+        for i, text in enumerate(texts):
             session.rewind(base)
             start = time.perf_counter()
-            n_tokens = session.append(text, stage="bench_prefill")
-            prefill_ms.append((time.perf_counter() - start) * 1000.0)
+            tokens[i] = session.append(text, stage="bench_prefill")
+            prefill_ms[i].append((time.perf_counter() - start) * 1000.0)
             deltas, extra = forced_decode(session, n_decode)
-            restarts += extra
-            per_token.append(statistics.median(deltas) if deltas else math.nan)
-            steps.append(deltas)
-            tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
-        bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
-        bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
-        prefill = min(prefill_ms)
-        calls = lm.prefill_calls(n_tokens, model.n_batch)
-        bench.stage_samples.append(lm.StageSample("prefill", n_tokens, prefill, context=cells, calls=calls))
-        cumulative = _cumsum(steady_steps(steps))
+            restarts[i] += extra
+            steps[i].append(deltas)
+            tick(f"{model.name}: prompt {lengths[i]} + decode {n_decode} ({rep + 1}/{config.reps})")
+    for i, length in enumerate(lengths):
+        per_token = [statistics.median(d) if d else math.nan for d in steps[i]]
+        context = cells + tokens[i]
+        bench.prefill.append(PrefillPoint(length, tokens[i], Stat.of(prefill_ms[i])))
+        bench.decode.append(DecodePoint(context, n_decode, Stat.of(per_token), restarts[i]))
+        prefill = min(prefill_ms[i])
+        calls = lm.prefill_calls(tokens[i], model.n_batch)
+        bench.stage_samples.append(lm.StageSample("prefill", tokens[i], prefill, context=cells, calls=calls))
+        cumulative = _cumsum(steady_steps(steps[i]))
         for n in sorted(set(config.decode_lengths)):
             if n <= len(cumulative):
                 decode = cumulative[n - 1]
-                context = cells + n_tokens
                 bench.stage_samples.append(lm.StageSample("decode", n, decode, context=context))
                 run_ms = bench.prefix_ms + prefill + decode
                 bench.runs.append(lm.RunSample(bench.prefix_image_tokens, context, n, run_ms))
@@ -549,47 +526,3 @@ def mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
     tokens = {"prompt": prompt, "small": small_gen, "large": large_gen, "transferred": transferred}
     stages = stage_ms(result, concurrent=report.config.concurrent)
     return ModeCheck(result.mode, result.route, result.timings_ms["total"], stages, predicted, tokens)
-
-
-def chain_ms(agent: Any) -> float:
-    """An agent's time in llama.cpp's stages (image, encode, prefill, decode)."""
-    if agent is None:
-        return 0.0
-    return sum(agent.timings_ms.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
-
-
-def stage_ms(result: AskResult, *, concurrent: bool) -> float:
-    """An ask's time in llama.cpp's stages: what the latency model predicts."""
-    small, large = chain_ms(result.small), chain_ms(result.large)
-    if result.mode != "duo":
-        return small + large  # one of them is 0
-    stage1 = max(small, large) if concurrent else small + large
-    return stage1 + sum(result.timings_ms.get(k, 0.0) for k in ("transfer_prefill", "answer_decode"))
-
-
-def predict_result(
-    small: lm.LatencyModel, large: lm.LatencyModel, result: AskResult, *, concurrent: bool
-) -> float:
-    """The time the fits give an ``ask`` result, from the token counts it actually had."""
-
-    def run(fit: lm.LatencyModel, agent: Any) -> float:
-        if agent is None or (agent.tokens["generated"] == 0 and agent.tokens["prompt"] == 0):
-            return 0.0  # never started (a sequential duo that ended confident)
-        t = agent.tokens
-        return fit.run_ms(lm.Prompt(t["prompt"] + t["image"], t["image"]), t["generated"])
-
-    small_ms = run(small, result.small)
-    large_ms = run(large, result.large)
-    if result.mode == "small":
-        return small_ms
-    if result.mode != "duo":
-        return large_ms
-    stage1 = max(small_ms, large_ms) if concurrent else small_ms + large_ms
-    if result.route == "confident":
-        stage1 = large_ms
-    if not result.transferred or result.large is None:
-        return stage1
-    t = result.large.tokens
-    added, answer = result.transferred.get("prefill_tokens", 0), result.transferred.get("answer_tokens", 0)
-    context = t["prompt"] + t["image"] + t["generated"] + added
-    return stage1 + large.prefill_ms(added) + large.decode_ms(answer, context)

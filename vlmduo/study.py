@@ -33,7 +33,8 @@ from typing import Any
 
 from vlmduo import latency_model as lm
 from vlmduo.agents import Agent
-from vlmduo.bench import BENCH_QUESTION, BenchReport, bench_image, chain_ms, finite, predict_result, stage_ms
+from vlmduo.ask_timing import chain_ms, predict_result, stage_ms
+from vlmduo.bench import BENCH_QUESTION, BenchReport, bench_image, finite
 from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 

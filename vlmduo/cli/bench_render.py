@@ -19,7 +19,8 @@ from vlmduo.errors import VlmduoError
 
 if TYPE_CHECKING:
     from vlmduo.agents import Agent
-    from vlmduo.bench import BenchReport, ModeCheck, ModelBench, Stat
+    from vlmduo.ask_timing import ModeCheck
+    from vlmduo.bench import BenchReport, ModelBench, Stat
     from vlmduo.latency_model import FitQuality, LatencyModel
     from vlmduo.study import Environment, StudyReport
 
