@@ -3,10 +3,18 @@
 For each model it measures, on generated inputs, the load time, image preprocess
 and vision-encode time per image size, prefill time against prompt length and
 decode time per token against context length, each repeated (median and
-min/max). From those it fits the linear latency model of
-:mod:`vlmduo.latency_model`, builds the crossover table the duo method rests on
-and predicts every mode's time, then checks the predictions against a measured
-``pipeline.ask`` of each mode.
+min/max). From those it fits the per-stage latency model of
+:mod:`vlmduo.latency_model` (image, prefill, and decode with a per-token cost
+that grows with the context), builds the crossover table the duo method rests
+on and predicts every mode's time, then checks the predictions against a
+measured ``pipeline.ask`` of each mode, and says when a fit or a prediction
+misses.
+
+The fits use the steady cost of each measurement: the fastest of its
+repetitions (interference from other processes only ever adds time) and, for
+decode, the median of neighbouring steps, so that a step preempted by another
+process does not count as a slower context. The tables show the raw medians
+and ranges.
 
 Pure measurement: progress goes to a callback, rendering is the CLI's job.
 Ctrl-C stops the measuring but keeps what was measured; ``complete`` says which
@@ -25,6 +33,7 @@ from typing import Any
 
 from vlmduo import latency_model as lm
 from vlmduo.agents import Agent
+from vlmduo.ask_timing import ModeCheck, predict_result, stage_ms
 from vlmduo.engine import Session, VisionLanguageModel
 from vlmduo.errors import UsageError
 from vlmduo.images import LoadedImage, synthetic_image
@@ -34,6 +43,7 @@ from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 BenchProgress = Callable[[str, int, int], None]
 
 CHECK_MODES = ("small", "large", "large-think", "duo")  # duo last: it changes thread counts
+QUESTION_TOKENS = 32  # a short question after the image, for the crossover and predictions
 BENCH_QUESTION = "Which colour covers most of the image?\nA. red\nB. green\nC. blue\nD. grey"
 # Plain words every tokenizer splits predictably; the model never has to make sense of them.
 _FILLER = (
@@ -56,6 +66,7 @@ class BenchConfig:
     small_tokens: tuple[int, ...] = (64, 128, 256, 512, 1024)
     large_tokens: tuple[int, ...] = (1, 4, 16, 64, 256)
     check: bool = True
+    concurrent: bool = False  # duo checks: stage-1 agents at once (splitting the cores) or in turn
     seed: int = 0
 
     def validate(self) -> None:
@@ -101,6 +112,7 @@ class ImagePoint:
 
     size: int
     image_tokens: int  # libmtmd resizes to the projector's size, so often the same for all
+    cells: int  # KV cells of the whole prompt: image and the chat template around it
     preprocess: Stat
     encode: Stat
     prefill: Stat  # image embeddings plus the short chat template around them
@@ -138,32 +150,22 @@ class ModelBench:
     role: str
     name: str
     load_ms: float | None = None
-    prefix_tokens: int = 0  # image + chat template of the fitted runs
+    prefix_tokens: int = 0  # KV cells of image + chat template of the fitted runs
+    prefix_image_tokens: int = 0
     prefix_ms: float | None = None
+    n_batch: int = 512  # llama.cpp's batch: prompts longer than this take several calls
     image: list[ImagePoint] = field(default_factory=list)
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
-    samples: list[lm.LatencySample] = field(default_factory=list)
-    fit: lm.LatencyFit | None = None
+    stage_samples: list[lm.StageSample] = field(default_factory=list)
+    runs: list[lm.RunSample] = field(default_factory=list)  # whole runs: prefix + prompt + decode
+    fit: lm.LatencyModel | None = None
     fit_problem: str | None = None
 
-
-@dataclass(frozen=True)
-class ModeCheck:
-    """A measured ``ask`` of one mode against the prediction for its actual token counts."""
-
-    mode: str
-    route: str | None
-    measured_ms: float
-    predicted_ms: float | None
-    tokens: dict[str, int]
-
     @property
-    def error_pct(self) -> float | None:
-        """(predicted - measured) / measured, in percent."""
-        if self.predicted_ms is None or self.measured_ms <= 0:
-            return None
-        return (self.predicted_ms - self.measured_ms) / self.measured_ms * 100.0
+    def question_prompt(self) -> lm.Prompt:
+        """The prompt of a question about the fitted runs' image: its prefix plus ~32 tokens."""
+        return lm.Prompt(self.prefix_tokens + QUESTION_TOKENS, self.prefix_image_tokens)
 
 
 @dataclass
@@ -172,34 +174,45 @@ class BenchReport:
 
     config: BenchConfig
     models: dict[str, ModelBench]
-    crossover_prompt_tokens: int = 0
     crossover: list[lm.CrossoverRow] = field(default_factory=list)
     predicted_modes: dict[str, float] = field(default_factory=dict)
     checks: list[ModeCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     complete: list[str] = field(default_factory=list)
     interrupted: bool = False
+
+    @property
+    def prompts(self) -> dict[str, lm.Prompt]:
+        """The question prompt of each role, for the crossover and the predictions."""
+        return {role: bench.question_prompt for role, bench in self.models.items()}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dictionary (non-finite numbers become null)."""
         data = dataclasses.asdict(self)
         for row in data["crossover"]:
             row["ratios"] = {str(k): v for k, v in row["ratios"].items()}
-        data["checks"] = [{**dataclasses.asdict(c), "error_pct": c.error_pct} for c in self.checks]
+        data["checks"] = [
+            {**dataclasses.asdict(c), "error_pct": c.error_pct, "outside_ms": c.outside_ms}
+            for c in self.checks
+        ]
+        data["prompts"] = {role: dataclasses.asdict(p) for role, p in self.prompts.items()}
         for name, bench in self.models.items():
             data["models"][name]["prefill"] = [
                 {**dataclasses.asdict(p), "ms_per_token": p.ms_per_token} for p in bench.prefill
             ]
-        return _finite(data)
+            if bench.fit is not None:
+                data["models"][name]["fit"]["fit_error_pct"] = bench.fit.fit_error_pct
+        return finite(data)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """Replace inf/nan by None, recursively: JSON has no spelling for them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -247,11 +260,18 @@ def _measure_model(
     model: VisionLanguageModel, bench: ModelBench, config: BenchConfig, complete: list[str], tick: _Ticker
 ) -> None:
     bench.load_ms = model.load_times.get("load")
+    bench.n_batch = model.n_batch
     complete.append(f"{bench.role}:load")
     tick(f"{bench.name}: loaded")
     if model.has_vision:
-        for size in config.image_sizes:
-            bench.image.append(_measure_image(model, size, config, tick))
+        for point in _measure_images(model, config, tick):
+            bench.image.append(point)
+            # The prompt around the image is text, image (in batches), text: that many calls.
+            calls = 2 + lm.prefill_calls(point.image_tokens, model.n_batch)
+            bench.stage_samples += [
+                lm.StageSample("image", point.image_tokens, point.preprocess.low + point.encode.low),
+                lm.StageSample("prefill", point.cells, point.prefill.low, calls=calls),
+            ]
         complete.append(f"{bench.role}:image")
     else:
         tick(f"{bench.name}: no projector, image skipped", config.reps * len(config.image_sizes))
@@ -259,34 +279,41 @@ def _measure_model(
     complete.extend((f"{bench.role}:prefill", f"{bench.role}:decode"))
 
 
-def _bench_image(size: int, seed: int) -> LoadedImage:
+def bench_image(size: int, seed: int) -> LoadedImage:
     # decode_ms of a generated image is generation time, not decoding: leave it out.
     return dataclasses.replace(synthetic_image(size, size, seed=seed), decode_ms=0.0)
 
 
-def _measure_image(model: VisionLanguageModel, size: int, config: BenchConfig, tick: _Ticker) -> ImagePoint:
-    image = _bench_image(size, config.seed)
+def _measure_images(model: VisionLanguageModel, config: BenchConfig, tick: _Ticker) -> list[ImagePoint]:
+    """Every image size, repetitions interleaved (each size once, then again...), so that
+    a busy spell of the machine spreads over the sizes instead of skewing one."""
     prompt = model.render_prompt("Describe the image.", image=True)
-    runs: list[dict[str, float]] = []
-    tokens = 0
+    images = [bench_image(size, config.seed) for size in config.image_sizes]
+    runs: list[list[dict[str, float]]] = [[] for _ in images]
+    counts = [(0, 0)] * len(images)
     for rep in range(config.reps):
-        session = model.session()
-        session.prefill(prompt, image)
-        runs.append(dict(session.times.ms))
-        tokens = session.n_image_tokens
-        tick(f"{model.name}: image {size}px ({rep + 1}/{config.reps})")
+        for i, image in enumerate(images):
+            session = model.session()
+            session.prefill(prompt, image)
+            runs[i].append(dict(session.times.ms))
+            counts[i] = (session.n_image_tokens, session.n_kv)
+            tick(f"{model.name}: image {image.width}px ({rep + 1}/{config.reps})")
 
-    def stat(*stages: str) -> Stat:
-        return Stat.of([sum(run.get(s, 0.0) for s in stages) for run in runs])
+    def stat(i: int, *stages: str) -> Stat:
+        return Stat.of([sum(run.get(s, 0.0) for s in stages) for run in runs[i]])
 
-    return ImagePoint(
-        size=size,
-        image_tokens=tokens,
-        preprocess=stat("image"),
-        encode=stat("encode"),
-        prefill=stat("prefill"),
-        total=stat("image", "encode", "prefill"),
-    )
+    return [
+        ImagePoint(
+            size=size,
+            image_tokens=counts[i][0],
+            cells=counts[i][1],
+            preprocess=stat(i, "image"),
+            encode=stat(i, "encode"),
+            prefill=stat(i, "prefill"),
+            total=stat(i, "image", "encode", "prefill"),
+        )
+        for i, size in enumerate(config.image_sizes)
+    ]
 
 
 def filler_text(model: VisionLanguageModel, n_tokens: int) -> str:
@@ -303,7 +330,7 @@ def filler_text(model: VisionLanguageModel, n_tokens: int) -> str:
 def _prefix(model: VisionLanguageModel, config: BenchConfig) -> tuple[Session, float]:
     """A session holding the fitted runs' image prefix, and what it cost."""
     session = model.session()
-    image = _bench_image(config.fit_image_size, config.seed) if model.has_vision else None
+    image = bench_image(config.fit_image_size, config.seed) if model.has_vision else None
     session.prefill(model.render_prompt("Describe the image.", image=image is not None), image)
     return session, sum(session.times.ms.values())
 
@@ -319,9 +346,9 @@ def _measure_prompt_and_decode(
     # Rewind by position; count context by KV cells (M-RoPE images fill more
     # cells than they advance positions).
     base, cells = session.n_past, session.n_kv
-    fits = {s.size: s.total.median for s in bench.image}
+    fits = {s.size: s.total.low for s in bench.image}
     bench.prefix_ms = fits.get(config.fit_image_size, prefix_ms)
-    bench.prefix_tokens = cells
+    bench.prefix_tokens, bench.prefix_image_tokens = cells, session.n_image_tokens
     n_decode = max(config.decode_lengths)
     needed = cells + max(config.prompt_lengths) + n_decode + 8
     if needed > model.n_ctx:
@@ -329,29 +356,50 @@ def _measure_prompt_and_decode(
             f"{model.name}: the bench needs a {needed}-token context, the model has {model.n_ctx}",
             hint=f"raise --ctx to {needed} or shorten --prompt-lengths/--decode-lengths",
         )
-    for length in sorted(set(config.prompt_lengths)):
-        text = filler_text(model, length)
-        prefill_ms: list[float] = []
-        per_token: list[float] = []
-        cumulative: list[list[float]] = []
-        restarts, n_tokens = 0, 0
-        for rep in range(config.reps):
+    lengths = sorted(set(config.prompt_lengths))
+    texts = [filler_text(model, length) for length in lengths]
+    prefill_ms: list[list[float]] = [[] for _ in lengths]
+    steps: list[list[list[float]]] = [[] for _ in lengths]
+    tokens, restarts = [0] * len(lengths), [0] * len(lengths)
+    for rep in range(config.reps):  # interleaved, as for the images
+        for i, text in enumerate(texts):
             session.rewind(base)
             start = time.perf_counter()
-            n_tokens = session.append(text, stage="bench_prefill")
-            prefill_ms.append((time.perf_counter() - start) * 1000.0)
+            tokens[i] = session.append(text, stage="bench_prefill")
+            prefill_ms[i].append((time.perf_counter() - start) * 1000.0)
             deltas, extra = forced_decode(session, n_decode)
-            restarts += extra
-            per_token.append(statistics.median(deltas) if deltas else math.nan)
-            cumulative.append(_cumsum(deltas))
-            tick(f"{model.name}: prompt {length} + decode {n_decode} ({rep + 1}/{config.reps})")
-        bench.prefill.append(PrefillPoint(length, n_tokens, Stat.of(prefill_ms)))
-        bench.decode.append(DecodePoint(cells + n_tokens, n_decode, Stat.of(per_token), restarts))
+            restarts[i] += extra
+            steps[i].append(deltas)
+            tick(f"{model.name}: prompt {lengths[i]} + decode {n_decode} ({rep + 1}/{config.reps})")
+    for i, length in enumerate(lengths):
+        per_token = [statistics.median(d) if d else math.nan for d in steps[i]]
+        context = cells + tokens[i]
+        bench.prefill.append(PrefillPoint(length, tokens[i], Stat.of(prefill_ms[i])))
+        bench.decode.append(DecodePoint(context, n_decode, Stat.of(per_token), restarts[i]))
+        prefill = min(prefill_ms[i])
+        calls = lm.prefill_calls(tokens[i], model.n_batch)
+        bench.stage_samples.append(lm.StageSample("prefill", tokens[i], prefill, context=cells, calls=calls))
+        cumulative = _cumsum(steady_steps(steps[i]))
         for n in sorted(set(config.decode_lengths)):
-            decode_ms = [c[n - 1] for c in cumulative if len(c) >= n]
-            if decode_ms:
-                ms = bench.prefix_ms + statistics.median(prefill_ms) + statistics.median(decode_ms)
-                bench.samples.append(lm.LatencySample(cells + n_tokens, n, ms))
+            if n <= len(cumulative):
+                decode = cumulative[n - 1]
+                bench.stage_samples.append(lm.StageSample("decode", n, decode, context=context))
+                run_ms = bench.prefix_ms + prefill + decode
+                bench.runs.append(lm.RunSample(bench.prefix_image_tokens, context, n, run_ms))
+
+
+def steady_steps(runs: Sequence[Sequence[float]], window: int = 9) -> list[float]:
+    """Each decode step's steady cost: its fastest repetition, then the median of the
+    steps centred on it, up to ``window`` (a step preempted by another process is an
+    outlier; the slow growth with the context is not: a centred median keeps a trend).
+    The first step, which sets up sampling, is kept as it is."""
+    n = min((len(r) for r in runs), default=0)
+    fastest = [min(r[k] for r in runs) for k in range(n)]
+    out = fastest[:1]
+    for k in range(1, n):
+        half = min(window // 2, k - 1, n - 1 - k)
+        out.append(statistics.median(fastest[k - half : k + half + 1]))
+    return out
 
 
 def _cumsum(values: Sequence[float]) -> list[float]:
@@ -387,20 +435,22 @@ def _analyse(report: BenchReport) -> None:
     """Fit each model and, with both fits, build the crossover and mode predictions."""
     for bench in report.models.values():
         try:
-            bench.fit = lm.fit_latency(bench.samples)
+            bench.fit = lm.fit_model(bench.stage_samples, bench.runs, n_batch=bench.n_batch)
             report.complete.append(f"{bench.role}:fit")
         except ValueError as exc:
             bench.fit_problem = str(exc)
+            continue
+        report.warnings += fit_warnings(bench.name, bench.fit)
     small, large = report.models["small"], report.models["large"]
     if small.fit is None or large.fit is None:
         return
     config = report.config
-    prompt = report.crossover_prompt_tokens = large.prefix_tokens + 32  # image + a short question
     try:
         report.crossover = lm.crossover(
             small.fit,
             large.fit,
-            prompt_tokens=prompt,
+            small_prompt=small.question_prompt,
+            large_prompt=large.question_prompt,
             small_tokens=config.small_tokens,
             large_tokens=config.large_tokens,
         )
@@ -410,19 +460,34 @@ def _analyse(report: BenchReport) -> None:
     report.predicted_modes = lm.predict_modes(
         small.fit,
         large.fit,
-        prompt_tokens=prompt,
+        small_prompt=small.question_prompt,
+        large_prompt=large.question_prompt,
         think_tokens=config.think_tokens,
         answer_tokens=config.answer_tokens,
         transfer_tokens=config.transfer_tokens,
+        concurrent=config.concurrent,
     )
     report.complete.append("predict")
+
+
+def fit_warnings(name: str, fit: lm.LatencyModel) -> list[str]:
+    """One line per fit (a stage or whole runs) whose mean error is over the threshold."""
+    out = []
+    for part, quality in fit.quality.items():
+        if not quality.exact and quality.mean_abs_pct_error > lm.FIT_WARN_PCT:
+            what = "whole runs" if part == "total" else f"its {part} times"
+            out.append(
+                f"{name}: the latency model misses {what} by {quality.mean_abs_pct_error:.0f}% on "
+                f"average (over {lm.FIT_WARN_PCT:.0f}%); its predictions are rough"
+            )
+    return out
 
 
 def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker) -> None:
     """Run ``ask`` once per mode and compare with the prediction for its token counts."""
     config = report.config
     seeing = small.model.has_vision and large.model.has_vision
-    image = _bench_image(config.fit_image_size, config.seed) if seeing else None
+    image = bench_image(config.fit_image_size, config.seed) if seeing else None
     question = make_question(BENCH_QUESTION, image, "auto")
     for mode in CHECK_MODES:
         options = AskOptions(
@@ -430,39 +495,34 @@ def _check_modes(report: BenchReport, small: Agent, large: Agent, tick: _Ticker)
             think_budget=config.think_tokens,
             max_answer_tokens=config.answer_tokens,
             transfer_budget=config.transfer_tokens,
+            sequential=not config.concurrent,
             seed=config.seed,
         )
         result = ask(question, options, small=small, large=large)
-        report.checks.append(_mode_check(report, result))
+        check = mode_check(report, result)
+        report.checks.append(check)
         report.complete.append(f"check:{mode}")
+        if check.error_pct is not None and abs(check.error_pct) > lm.CHECK_WARN_PCT:
+            label = mode if mode != "duo" else f"duo ({check.route})"
+            report.warnings.append(
+                f"ask --mode {label} spent {check.stages_ms:.0f} ms in llama.cpp, the latency model "
+                f"predicted {check.predicted_ms:.0f} ms ({check.error_pct:+.0f}%, "
+                f"over ±{lm.CHECK_WARN_PCT:.0f}%)"
+            )
         tick(f"ask --mode {mode}")
 
 
-def _mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
+def mode_check(report: BenchReport, result: AskResult) -> ModeCheck:
     """Predict ``result``'s time from the fits with the token counts it actually had."""
     small_fit, large_fit = report.models["small"].fit, report.models["large"].fit
     assert small_fit is not None and large_fit is not None  # checks run only with both fits
+    predicted = predict_result(small_fit, large_fit, result, concurrent=report.config.concurrent)
+    small_gen = result.small.tokens["generated"] if result.small else 0
+    large_gen = result.large.tokens["generated"] if result.large else 0
+    transferred = (result.transferred or {}).get("prefill_tokens", 0)
     agent = result.large or result.small
     assert agent is not None
     prompt = agent.tokens["prompt"] + agent.tokens["image"]
-    small_gen = result.small.tokens["generated"] if result.small else 0
-    large_gen = result.large.tokens["generated"] if result.large else 0
-    if result.mode == "small":
-        think, answer, key = small_gen, 0, "small"
-    elif result.mode == "large-think":
-        think, answer, key = large_gen, 0, "large-think"
-    elif result.mode == "large":
-        think, answer, key = 0, large_gen, "large"
-    else:
-        think, answer, key = max(small_gen - large_gen, 0), large_gen, f"duo-{result.route}"
-    transferred = (result.transferred or {}).get("prefill_tokens", 0)
-    predicted = lm.predict_modes(
-        small_fit,
-        large_fit,
-        prompt_tokens=prompt,
-        think_tokens=think,
-        answer_tokens=answer,
-        transfer_tokens=transferred,
-    ).get(key)
     tokens = {"prompt": prompt, "small": small_gen, "large": large_gen, "transferred": transferred}
-    return ModeCheck(result.mode, result.route, result.timings_ms["total"], predicted, tokens)
+    stages = stage_ms(result, concurrent=report.config.concurrent)
+    return ModeCheck(result.mode, result.route, result.timings_ms["total"], stages, predicted, tokens)

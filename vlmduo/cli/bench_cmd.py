@@ -5,43 +5,69 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
+from vlmduo.cli import bench_render as out
+from vlmduo.cli import checks
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
-from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
+from vlmduo.cli.render import progress_bar, stderr_console
 from vlmduo.engine import EngineSettings
 from vlmduo.errors import UsageError, VlmduoError
 
 if TYPE_CHECKING:  # the core loads numpy: imported when the command runs, not for --help
-    from vlmduo.bench import BenchReport, ModeCheck, Stat
+    from vlmduo.agents import Agent
+    from vlmduo.api import ResolvedModel
+    from vlmduo.bench import BenchConfig
+    from vlmduo.study import StudyConfig
 
-HELP = """Measure where a pair's latency goes, fit a latency model and show the crossover.
+HELP = """Measure where a pair's latency goes, fit a latency model, show the crossover.
 
 For each model: load time, image preprocess and encode time per image size, \
 prefill time per prompt length and decode ms/token per context length, on \
 synthetic images and filler prompts (median and min-max of --reps runs). Then a \
-fitted latency model per model (fixed + per prompt token + per output token), \
-the crossover table (how many tokens the large model may answer in and still \
-beat the small model reasoning for m tokens), the predicted time of each mode, \
-and a measured ask of each mode against its prediction. Tables go to stderr, \
---json to stdout. Ctrl-C keeps the results so far.
+fitted latency model per model (image, prefill, and decode whose cost per token \
+grows with the context), the crossover table (how many tokens the large model \
+may answer in and still beat the small model reasoning for m), the predicted \
+time of each mode, and a measured ask of each mode against its prediction; a \
+warning when a fit misses by over 15% or a prediction by over 20%.
+
+--simulate builds random-weight models with the real checkpoints' shapes and \
+quantisation (cached, no download) and runs the paper's study on them: the \
+duo against the large model reasoning, per reasoning length and policy. \
+Tables go to stderr, --json to stdout. Ctrl-C keeps the results so far.
 
 [bold]Examples[/]
 
   vlmduo bench --pair synthetic --reps 2
 
-  vlmduo bench --pair default --image-sizes 448 --prompt-lengths 64,512 --json > bench.json
+  vlmduo bench --simulate qwen3-vl-2b-thinking,qwen3-vl-8b-instruct
+
+  vlmduo bench --pair default --image-sizes 448 --json > bench.json
 
   vlmduo bench --small model-2b.gguf --large model-8b.gguf --plot latency.png
 """
 
 PLOT_HINT = "pip install 'vlmduo[plot]'"
+# Lighter defaults for real-size simulated models: an 8B model on a laptop CPU
+# prefills ~10 tokens/s and encodes a 448 px image in ~10 s.
+SIMULATE_DEFAULTS = {
+    "reps": 1,
+    "image_sizes": "224,448",
+    "prompt_lengths": "32,128",
+    "decode_lengths": "8,32",
+}
+FULL_DEFAULTS = {
+    "reps": 3,
+    "image_sizes": "224,448,896",
+    "prompt_lengths": "64,256,1024",
+    "decode_lengths": "16,64,256",
+}
 
 
 def int_list(text: str, option: str) -> tuple[int, ...]:
@@ -61,160 +87,66 @@ def require_matplotlib() -> None:
         raise VlmduoError("--plot needs matplotlib, which is not installed", hint=PLOT_HINT)
 
 
-def _stat(stat: Stat) -> str:
-    spread = f" \\[{stat.low:.1f}–{stat.high:.1f}]" if stat.n > 1 else ""  # rich markup: \\[ is a literal [
-    return f"{stat.median:.1f}{spread}"
+def simulate_names(text: str) -> tuple[str, str]:
+    """``--simulate small,large``: two registry names with a real shape each."""
+    from vlmduo.fixtures import realsize
+
+    names = opt.name_list(text)
+    if len(names) != 2:
+        raise UsageError(f"--simulate takes two names, small then large, got {len(names)}: {text!r}")
+    known = realsize.real_shape_names()
+    for name in names:
+        if name not in known:
+            raise UsageError(
+                f"--simulate: no real shape for '{name}'",
+                hint=f"simulated models exist for: {', '.join(sorted(known))}",
+            )
+    return names[0], names[1]
 
 
-def components_table(report: BenchReport) -> Table:
-    """Measured parts, one column per model: median ms [min–max]."""
-    models = list(report.models.values())
-    table = Table(title="Measured (ms: median \\[min–max])", title_justify="left")
-    table.add_column("part")
-    for bench in models:
-        table.add_column(f"{bench.role}: {bench.name}", justify="right")
-    table.add_row("load", *[fmt_ms(b.load_ms) for b in models])
-    for i, size in enumerate(report.config.image_sizes):
-        cells = [
-            f"{_stat(b.image[i].total)} · {b.image[i].image_tokens} tok" if i < len(b.image) else "–"
-            for b in models
-        ]
-        table.add_row(f"image {size}px (preprocess+encode+prefill)", *cells)
-    if len(report.config.image_sizes) > 1 and all(
-        len({p.image_tokens for p in b.image}) == 1 for b in models
-    ):
-        table.caption = "libmtmd resizes every image to the projector's input size: same tokens at every size"
-    for i, length in enumerate(sorted(set(report.config.prompt_lengths))):
-        prefill = [
-            f"{_stat(b.prefill[i].ms)} · {b.prefill[i].ms_per_token:.3f}/tok" if i < len(b.prefill) else "–"
-            for b in models
-        ]
-        table.add_row(f"prefill {length} tok", *prefill)
-    for i in range(max((len(b.decode) for b in models), default=0)):
-        contexts = dict.fromkeys(str(b.decode[i].context) for b in models if i < len(b.decode))
-        label = "decode ms/token @ context " + "/".join(contexts)
-        table.add_row(label, *[_stat(b.decode[i].ms_per_token) if i < len(b.decode) else "–" for b in models])
-    return table
+def build_simulated(
+    names: tuple[str, str], threads: int | None, console: Console, *, verbose: bool = False
+) -> dict[str, ResolvedModel]:
+    """Build (or find in the cache) both real-size models, with a progress bar."""
+    from vlmduo import registry
+    from vlmduo.api import ResolvedModel
+    from vlmduo.fixtures import realsize
+    from vlmduo.synthetic import cache_root
 
-
-def fit_table(report: BenchReport) -> Table:
-    """The fitted latency model of each model and how well it fits."""
-    table = Table(title="Latency model: ms = fixed + a·prompt tokens + b·output tokens", title_justify="left")
-    for name in ("model", "fixed ms", "a ms/prompt tok", "b ms/output tok", "R²", "fit error"):
-        table.add_column(name, justify="left" if name == "model" else "right")
-    for bench in report.models.values():
-        fit = bench.fit
-        if fit is None:
-            table.add_row(bench.name, Text(f"no fit: {bench.fit_problem or 'not measured'}", style="yellow"))
-            continue
-        table.add_row(
-            bench.name,
-            f"{fit.fixed_ms:.2f}",
-            f"{fit.per_prompt_token_ms:.4f}",
-            f"{fit.per_output_token_ms:.3f}",
-            f"{fit.r2:.3f}",
-            f"{fit.mean_abs_pct_error:.1f}%",
+    cache = cache_root().parent / "simulated"
+    resolved = {}
+    for role, name in zip(("small", "large"), names, strict=True):
+        spec = realsize.spec_for(name, cache)
+        if not spec.built():
+            need = realsize.estimate_bytes(spec)
+            console.print(
+                f"Building {name} at its real shape (random weights, {spec.quant} by llama.cpp): "
+                f"about {need['final'] / 1e9:.1f} GB in {spec.folder}; {need['peak'] / 1e9:.0f} GB "
+                "of free disk needed while building"
+            )
+        spec = _build_one(realsize, name, cache, threads, console, verbose)
+        entry = registry.load_registry().model(name)
+        resolved[role] = ResolvedModel(
+            name, spec.model_path, spec.mmproj_path, entry.thinking, entry.think_start, entry.think_end
         )
-    return table
+    return resolved
 
 
-def crossover_table(report: BenchReport) -> Table:
-    """Large ms / small ms per (m small reasoning tokens, n large answer tokens)."""
-    large_tokens = report.config.large_tokens
-    table = Table(
-        title=f"Crossover at {report.crossover_prompt_tokens} prompt tokens: "
-        "large(n) / small(m), below 1 the large model is faster",
-        title_justify="left",
-    )
-    table.add_column("small m", justify="right")
-    table.add_column("small ms", justify="right")
-    table.add_column("large faster up to n", justify="right")
-    for n in large_tokens:
-        table.add_column(f"n={n}", justify="right")
-    for row in report.crossover:
-        ratios = [
-            Text(f"{row.ratios[n]:.2f}", style="green" if row.ratios[n] < 1 else "red") for n in large_tokens
-        ]
-        limit = "never" if row.max_large_tokens is None else str(row.max_large_tokens)
-        table.add_row(str(row.small_tokens), f"{row.small_ms:.1f}", limit, *ratios)
-    return table
+def _build_one(
+    realsize: ModuleType, name: str, cache: Path, threads: int | None, console: Console, verbose: bool
+) -> Any:
+    with progress_bar(console) as bar:
+        task = bar.add_task(name, total=None)
 
+        def progress(description: str, done: float, total: float) -> None:
+            bar.update(task, description=description, completed=done, total=total or None)
 
-def modes_table(report: BenchReport) -> Table:
-    """Predicted time per mode at the configured budgets, and the measured checks."""
-    config = report.config
-    table = Table(
-        title=f"Modes: predicted at think {config.think_tokens}, answer {config.answer_tokens}, "
-        f"transfer {config.transfer_tokens} tokens; measured ask vs prediction for its tokens",
-        title_justify="left",
-    )
-    heads = ("mode", "predicted @budgets", "measured ask", "route", "tokens s/l/t", "predicted @its tokens")
-    for name in (*heads, "error"):
-        table.add_column(name, justify="left" if name in ("mode", "route") else "right")
-    checks = {c.mode if c.mode != "duo" else f"duo-{c.route}": c for c in report.checks}
-    for mode, predicted in report.predicted_modes.items():
-        check = checks.pop(mode, None)
-        table.add_row(mode, fmt_ms(predicted), *_check_cells(check))
-    for mode, check in checks.items():
-        table.add_row(mode, "–", *_check_cells(check))
-    return table
-
-
-def _check_cells(check: ModeCheck | None) -> list[str]:
-    if check is None:
-        return ["", "", "", "", ""]
-    error = check.error_pct
-    return [
-        fmt_ms(check.measured_ms),
-        check.route or "",
-        "{small}/{large}/{transferred}".format(**check.tokens),
-        fmt_ms(check.predicted_ms),
-        "–" if error is None else f"{error:+.0f}%",
-    ]
-
-
-def render(console: Console, report: BenchReport) -> None:
-    """Every table and the chart, on stderr."""
-    console.print(components_table(report))
-    console.print(fit_table(report))
-    if report.crossover:
-        console.print(crossover_table(report))
-    if report.predicted_modes:
-        console.print(modes_table(report))
-        rows = [(mode, ms, fmt_ms(ms)) for mode, ms in report.predicted_modes.items()]
-        console.print(bar_chart("Predicted latency per mode", rows))
-
-
-def write_plot(report: BenchReport, path: Path) -> None:
-    """Latency against output tokens for both models: fitted lines and measured points."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    from vlmduo.latency_model import predict_ms
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = max(max(report.config.small_tokens), max(report.config.decode_lengths))
-    xs = list(range(0, top + 1, max(1, top // 200)))
-    for bench in report.models.values():
-        points = ax.scatter(
-            [s.output_tokens for s in bench.samples], [s.ms for s in bench.samples], s=12, label=None
-        )
-        if bench.fit is not None:
-            ys = [predict_ms(bench.fit, report.crossover_prompt_tokens, x) for x in xs]
-            ax.plot(xs, ys, color=points.get_facecolor()[0], label=f"{bench.role}: {bench.name}")
-    ax.set_xlabel("output tokens")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title(f"Latency vs output tokens ({report.crossover_prompt_tokens} prompt tokens)")
-    ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as exc:
-        raise VlmduoError(f"cannot write plot {path}: {exc}") from exc
-    finally:
-        plt.close(fig)
+        try:
+            return realsize.ensure_built(name, cache, threads=threads, progress=progress, verbose=verbose)
+        except OSError as exc:
+            raise VlmduoError(
+                f"cannot build {name}: {exc}", hint="free disk space or set VLMDUO_CACHE"
+            ) from exc
 
 
 def bench(
@@ -223,16 +155,44 @@ def bench(
     small_mmproj: opt.SmallMmproj = None,
     large_mmproj: opt.LargeMmproj = None,
     pair: opt.Pair = "default",
-    reps: Annotated[int, typer.Option(help="Repetitions of every measurement.")] = 3,
+    simulate: Annotated[
+        str | None,
+        typer.Option(help="Build random-weight models of two real shapes (small,large) and study them."),
+    ] = None,
+    reps: Annotated[
+        int | None, typer.Option(help="Repetitions of each measurement (3; 1 simulated).")
+    ] = None,
     image_sizes: Annotated[
-        str, typer.Option(help="Square image sizes in px, comma-separated.")
-    ] = "224,448,896",
-    prompt_lengths: Annotated[str, typer.Option(help="Filler prompt lengths in tokens.")] = "64,256,1024",
-    decode_lengths: Annotated[str, typer.Option(help="Forced output lengths in tokens.")] = "16,64,256",
+        str | None, typer.Option(help="Square image sizes in px (224,448,896; 224,448 simulated).")
+    ] = None,
+    prompt_lengths: Annotated[
+        str | None, typer.Option(help="Filler prompt tokens (64,256,1024; 32,128 simulated).")
+    ] = None,
+    decode_lengths: Annotated[
+        str | None, typer.Option(help="Forced output tokens (16,64,256; 8,32 simulated).")
+    ] = None,
     think_budget: Annotated[int, typer.Option(help="Reasoning tokens for predictions and checks.")] = 256,
     max_answer_tokens: Annotated[int, typer.Option(help="Answer tokens for predictions and checks.")] = 16,
     transfer_budget: Annotated[int, typer.Option(help="Transferred tokens for predictions.")] = 64,
-    check: Annotated[bool, typer.Option(help="Measure one ask per mode against the prediction.")] = True,
+    check: Annotated[
+        bool | None, typer.Option(help="Measure one ask per mode against its prediction (not simulated).")
+    ] = None,
+    concurrent: Annotated[
+        bool, typer.Option(help="Run the duo's two agents at once in the checks (default: in turn).")
+    ] = False,
+    study: Annotated[
+        bool | None, typer.Option(help="Sweep reasoning lengths, duo vs large-think (on with --simulate).")
+    ] = None,
+    reasoning_lengths: Annotated[
+        str, typer.Option(help="Reasoning lengths of the study, in tokens.")
+    ] = "64,128,256,512,1024",
+    measure_lengths: Annotated[
+        str | None, typer.Option(help="Lengths the study measures, the others only predicted (all).")
+    ] = None,
+    agreement: Annotated[
+        str, typer.Option(help="Agreement rates of the study: 0.5, 86% or counts 3736/4329.")
+    ] = "0.5,3736/4329",
+    confident: Annotated[str, typer.Option(help="Share of confident answers (confidence policy).")] = "0.5",
     json_out: opt.JsonOut = False,
     plot: Annotated[Path | None, typer.Option(help="Write latency vs output tokens to this PNG.")] = None,
     threads: opt.Threads = None,
@@ -242,46 +202,114 @@ def bench(
     verbose: opt.Verbose = False,
 ) -> None:
     from vlmduo.bench import BenchConfig
+    from vlmduo.study import StudyConfig
 
+    checks.engine(ctx=ctx, threads=threads)
     if plot is not None:
         require_matplotlib()
+    names = simulate_names(simulate) if simulate else None
+    defaults = SIMULATE_DEFAULTS if names else FULL_DEFAULTS
     config = BenchConfig(
-        reps=reps,
-        image_sizes=int_list(image_sizes, "--image-sizes"),
-        prompt_lengths=int_list(prompt_lengths, "--prompt-lengths"),
-        decode_lengths=int_list(decode_lengths, "--decode-lengths"),
+        reps=reps if reps is not None else int(defaults["reps"]),
+        image_sizes=int_list(image_sizes or str(defaults["image_sizes"]), "--image-sizes"),
+        prompt_lengths=int_list(prompt_lengths or str(defaults["prompt_lengths"]), "--prompt-lengths"),
+        decode_lengths=int_list(decode_lengths or str(defaults["decode_lengths"]), "--decode-lengths"),
         think_tokens=think_budget,
         answer_tokens=max_answer_tokens,
         transfer_tokens=transfer_budget,
-        check=check,
+        check=names is None if check is None else check,
+        concurrent=concurrent,
     )
     config.validate()
-    from vlmduo.bench import run_bench
+    study_config = StudyConfig(
+        reasoning_lengths=int_list(reasoning_lengths, "--reasoning-lengths"),
+        agreement=tuple(opt.name_list(agreement)),
+        confident=confident,
+        answer_cap=max_answer_tokens,
+        transfer_tokens=transfer_budget,
+        measure_lengths=int_list(measure_lengths, "--measure-lengths") if measure_lengths else None,
+    )
+    run_study = names is not None if study is None else study
+    if run_study:
+        study_config.validate()
+    # Reasoning, transfer and ~1000 cells for image and question must fit the context.
+    if run_study and max(study_config.reasoning_lengths) + transfer_budget + 1024 > ctx:
+        raise UsageError(
+            f"--ctx {ctx} is too small for reasoning {max(study_config.reasoning_lengths)} tokens",
+            hint=f"raise --ctx to {max(study_config.reasoning_lengths) + transfer_budget + 1024}",
+        )
 
     console = stderr_console()
-    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     settings = EngineSettings(n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
-    agents = opt.load_agents(
-        ("small", "large"), refs, settings, offline=opt.is_offline(offline), console=console
-    )
-    with progress_bar(console) as bar:
+    if names is not None:
+        from vlmduo import api
+
+        resolved = build_simulated(names, threads, console, verbose=verbose)
+        with console.status("Loading models…"):
+            agents, _ = api.load_agents(resolved, settings)
+    else:
+        refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
+        agents = opt.load_agents(
+            ("small", "large"), refs, settings, offline=opt.is_offline(offline), console=console
+        )
+    _run(agents, config, study_config if run_study else None, names, settings, console, json_out, plot)
+
+
+def _run(
+    agents: dict[str, Agent],
+    config: BenchConfig,
+    study_config: StudyConfig | None,
+    names: tuple[str, str] | None,
+    settings: EngineSettings,
+    console: Console,
+    json_out: bool,
+    plot: Path | None,
+) -> None:
+    from vlmduo.bench import run_bench
+    from vlmduo.study import environment, run_study, watch_other_cpu
+
+    weights = out.weights_label(agents, simulated=names is not None)
+    env = environment(weights, settings.threads(), settings.n_gpu_layers)
+    with progress_bar(console) as bar, watch_other_cpu(env):
         task = bar.add_task("bench", total=None)
 
         def progress(description: str, done: int, total: int) -> None:
             bar.update(task, description=description, completed=done, total=total)
 
-        report = run_bench(agents["small"], agents["large"], config, progress=progress)
+        small, large = agents["small"], agents["large"]
+        report = run_bench(small, large, config, progress=progress)
+        studied = None
+        if study_config is not None and not report.interrupted and report.predicted_modes:
+            studied = run_study(small, large, report, study_config, progress=progress)
+    simulated = out.simulated_info(names) if names is not None else None
     if not json_out:
-        render(console, report)
-    if plot is not None and any(b.samples for b in report.models.values()):
-        write_plot(report, plot)
+        out.render(console, report, studied, env, simulated)
+    if plot is not None and any(b.runs for b in report.models.values()):
+        out.write_plot(report, plot, env)
         console.print(f"[dim]Plot written to {plot}[/]")
     if json_out:
-        print(json.dumps(report.to_json(), ensure_ascii=False))
-    if report.interrupted:
-        console.print(
-            f"[yellow]Interrupted: partial results (complete: {', '.join(report.complete) or 'none'}).[/]"
+        data = report.to_json()
+        data["environment"] = env.__dict__
+        if studied is not None:
+            data["study"] = studied.to_json()
+        if simulated is not None:
+            data["simulated"] = simulated
+        print(json.dumps(data, ensure_ascii=False))
+    warnings = report.warnings + (studied.warnings if studied else [])
+    if env.busy:
+        warnings.insert(
+            0,
+            f"other processes used {env.other_cores:.1f} of the {env.cores} cores while this measured: "
+            "timings are slower and noisier than on an idle machine (--threads 1 is steadier on a "
+            "shared one)",
         )
+    for warning in warnings:
+        console.print(Text(f"Warning: {warning}", style="yellow"), soft_wrap=False)
+    interrupted = report.interrupted or (studied is not None and studied.interrupted)
+    if interrupted:
+        done = report.complete + (studied.complete if studied else [])
+        line = f"Interrupted: partial results (complete: {', '.join(done) or 'none'})."
+        console.print(Text(line, style="yellow"), soft_wrap=False)
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
