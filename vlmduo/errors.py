@@ -77,3 +77,7 @@ class DiskSpaceError(DownloadError):
 
 class DatasetError(VlmduoError):
     """An evaluation dataset cannot be read."""
+
+
+class RemoteError(VlmduoError):
+    """A model server (vLLM, SGLang, llama-server, Ollama) failed, refused or is unreachable."""

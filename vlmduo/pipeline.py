@@ -306,6 +306,8 @@ def _skipped(name: str, load: float) -> AgentResult:
 
 def _chain_ms(result: AgentResult) -> float:
     t = result.timings_ms
+    if "request" in t:  # a remote agent: its requests' wall time holds the server's stages
+        return t.get("image", 0.0) + t["request"]
     return sum(t.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
 
 
@@ -373,15 +375,17 @@ def _decide(
             # the large model's answer after the transfer (its stage-1 answer is in "large")
             "answer_tokens": done.answer_tokens,
             "answer_probability": done.probability,
+            **done.details,
         }
     wall = (time.perf_counter() - start) * 1000.0
     load = sum(load_ms.get(a.name, 0.0) for a in (small, large))
     timings["total"] = round(wall + load, 3)
+    # A remote transfer's wall time (network included) stands for its prefill and decode.
+    transfer_ms = (transferred or {}).get("request_ms")
+    if transfer_ms is None:
+        transfer_ms = timings.get("transfer_prefill", 0.0) + timings.get("answer_decode", 0.0)
     timings["critical_path"] = round(
-        _critical_path(small_result, large_result, route)
-        + timings.get("select", 0.0)
-        + timings.get("transfer_prefill", 0.0)
-        + timings.get("answer_decode", 0.0),
+        _critical_path(small_result, large_result, route) + timings.get("select", 0.0) + transfer_ms,
         3,
     )
     return AskResult(
