@@ -3,6 +3,8 @@
 The self-test runs the whole duo pipeline (both agents, a transfer) on
 synthetic random-weight models built locally, so it works offline and proves
 the engine, the projector path and the KV reuse all work on this machine.
+Models of the chosen pair that are served remotely get their endpoint checked:
+reachable, the model listed, an image accepted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from vlmduo import __version__
 
-PACKAGES = ("llama-cpp-python", "gguf", "huggingface-hub", "typer", "rich", "pillow", "numpy")
+PACKAGES = ("llama-cpp-python", "gguf", "huggingface-hub", "typer", "rich", "pillow", "numpy", "httpx")
 GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
 
 
@@ -34,11 +36,12 @@ class Report:
     offline: bool
     threading: str = ""
     self_test: dict[str, Any] = field(default_factory=dict)
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when the self-test passed (or was skipped)."""
-        return self.self_test.get("ok", True)
+        """True when the self-test passed (or was skipped) and every endpoint checked out."""
+        return self.self_test.get("ok", True) and all(e.get("ok") for e in self.endpoints)
 
     def to_json(self) -> dict[str, Any]:
         """The ``doctor --json`` object."""
@@ -52,6 +55,7 @@ class Report:
             "offline": self.offline,
             "threading": self.threading,
             "self_test": self.self_test,
+            "endpoints": self.endpoints,
         }
 
 
@@ -89,8 +93,12 @@ def threading_policy(system_info: str, environ: dict[str, str] | None = None) ->
     return f"OpenMP: {waits}; {split}"
 
 
-def collect(self_test: bool = True) -> Report:
-    """Gather the report; with ``self_test`` also run the pipeline on synthetic models."""
+def collect(self_test: bool = True, refs: dict[str, str] | None = None) -> Report:
+    """Gather the report; with ``self_test`` also run the pipeline on synthetic models.
+
+    ``refs`` (role -> model reference, the chosen pair's) names the models whose
+    servers are checked when they are remote.
+    """
     import llama_cpp
 
     from vlmduo import hub, synthetic
@@ -110,7 +118,35 @@ def collect(self_test: bool = True) -> Report:
     )
     if self_test:
         report.self_test = run_self_test()
+    report.endpoints = check_endpoints(refs or {})
     return report
+
+
+def check_endpoints(refs: dict[str, str]) -> list[dict[str, Any]]:
+    """For each remote model among ``refs`` (``URL#MODEL`` or a registry entry with
+    ``endpoint``): reachable, the model listed, vision accepted. Local models are skipped."""
+    from vlmduo import registry, remote
+    from vlmduo.errors import VlmduoError
+
+    found = []
+    for role, ref in refs.items():
+        try:
+            if remote.is_remote_ref(ref):
+                model = remote.parse_ref(ref)
+            else:
+                entry = registry.load_registry().model(ref)
+                if entry.source != "remote":
+                    continue
+                model = remote.from_entry(entry)
+        except VlmduoError as exc:
+            found.append({"role": role, "name": ref, "ok": False, "error": exc.message})
+            continue
+        agent = remote.RemoteAgent(model)
+        try:
+            found.append({"role": role, **agent.check()})
+        finally:
+            agent.close()
+    return found
 
 
 def _paths(synthetic_cache: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 
 HELP = """Check versions, the llama.cpp backend (CPU/CUDA/Metal), GPU offload, where
@@ -22,16 +23,22 @@ random-weight models as a self-test (no download).
   vlmduo doctor --json | jq .backend
 
   vlmduo doctor --no-self-test
+
+  vlmduo doctor --large http://gpu:8000/v1#Qwen/Qwen3-VL-8B-Instruct   (checks the server)
 """
 
 
 def doctor(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     self_test: Annotated[bool, typer.Option(help="Run the pipeline on synthetic models.")] = True,
+    small: opt.SmallModel = None,
+    large: opt.LargeModel = None,
+    pair: opt.Pair = "default",
 ) -> None:
     from vlmduo.diagnostics import collect
 
-    report = collect(self_test=self_test)
+    small_ref, large_ref = opt.pair_defaults(pair, small, large)
+    report = collect(self_test=self_test, refs={"small": small_ref, "large": large_ref})
     if json_out:
         print(json.dumps(report.to_json()))
     else:
@@ -60,6 +67,12 @@ def _render(report) -> None:
         else:
             status = f"[red]FAILED[/] {test.get('error') or test}"
         table.add_row("self-test", status)
+    for endpoint in report.endpoints:
+        if endpoint.get("ok"):
+            status = f"[green]ok[/] {endpoint['server']}, model {endpoint['model']}, vision accepted"
+        else:
+            status = f"[red]FAILED[/] {endpoint.get('error') or 'vision not accepted'}"
+        table.add_row(f"{endpoint['role']} server", f"{endpoint.get('endpoint', endpoint['name'])}: {status}")
     console.print(table)
 
 

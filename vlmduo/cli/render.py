@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from vlmduo.agents import AgentResult
 from vlmduo.pipeline import AskResult
 from vlmduo.timing import AGENT_STAGES
 
@@ -51,29 +52,45 @@ def progress_bar(console: Console) -> Progress:
 
 
 def timing_table(result: AskResult) -> Table:
-    """Where the time went, stage by stage, per agent and for the pipeline."""
+    """Where the time went, stage by stage, per agent and for the pipeline.
+
+    A remote agent's column says so; its prefill and decode are what its server
+    reported, and ``request`` is the wall time of its HTTP requests.
+    """
     agents = [(role, a) for role, a in (("small", result.small), ("large", result.large)) if a]
+    remote = [_is_remote(a) for _, a in agents]
     title = f"mode {result.mode}" + (f" · route {result.route}" if result.route else "")
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    caption = "remote: prefill/decode as its server reports them; request: wall time" if any(remote) else None
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, caption=caption)
     table.add_column("stage")
-    for role, agent in agents:
-        table.add_column(f"{role} ({agent.model})", justify="right")
-    for stage in AGENT_STAGES:
+    for (role, agent), is_remote in zip(agents, remote, strict=True):
+        table.add_column(f"{role} ({agent.model}{', remote' if is_remote else ''})", justify="right")
+    for stage in AGENT_STAGES + (("request",) if any(remote) else ()):
         table.add_row(stage, *[fmt_ms(a.timings_ms.get(stage), missing="") for _, a in agents])
     table.add_row(
         Text("tokens p/i/g", style="dim"),
         *[Text("{prompt}/{image}/{generated}".format(**a.tokens), style="dim") for _, a in agents],
     )
+    if any(remote):
+        cached = [a.tokens.get("cached") for _, a in agents]
+        table.add_row(Text("cached tok", style="dim"), *[Text("" if c is None else str(c)) for c in cached])
     pad = [""] * (len(agents) - 1)
-    for stage in PIPELINE_STAGES:
-        if stage in result.timings_ms:
+    rows = dict(result.timings_ms)
+    transferred = result.transferred or {}
+    if transferred.get("request_ms") is not None:  # a remote transfer: its wall time and cache hits
+        rows["transfer_request"] = transferred["request_ms"]
+    for stage in (*PIPELINE_STAGES[:4], "transfer_request", *PIPELINE_STAGES[4:]):
+        if stage in rows:
             style = "bold" if stage == "total" else None
-            table.add_row(
-                Text(stage, style=style),
-                *pad,
-                Text(fmt_ms(result.timings_ms[stage], missing=""), style=style),
-            )
+            shown = fmt_ms(rows[stage], missing="")
+            if stage == "transfer_request" and transferred.get("cached_tokens") is not None:
+                shown += f" ({transferred['cached_tokens']} cached)"
+            table.add_row(Text(stage, style=style), *pad, Text(shown, style=style))
     return table
+
+
+def _is_remote(agent: AgentResult) -> bool:
+    return "request" in agent.timings_ms
 
 
 def show_reasoning(console: Console, result: AskResult) -> None:
