@@ -3,7 +3,9 @@
 It records every request (method, path, headers, JSON body) and answers from a
 queue of canned replies, so tests can check the exact fields vlmduo sends to
 vLLM, SGLang, llama-server or Ollama, and force each failure (401, 404, 5xx, a
-reply without choices, a slow reply) deterministically.
+reply without choices, a slow reply, a stream cut short) deterministically. A
+canned completion is streamed as server-sent events when the request asks for a
+stream, the way those servers do: a content delta, a finish, a usage event, [DONE].
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ class Canned:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     raw: bytes | None = None
+    events: list[Any] | None = None  # explicit stream events (dicts, or raw lines as str)
+    cut: bool = False  # end the stream without [DONE], closing the connection
+
+
+def sse_events(data: dict[str, Any]) -> list[Any]:
+    """A completion as the events a streaming server sends (OpenAI's chunk shape)."""
+    choice = data["choices"][0]
+    message = choice["message"]
+    delta = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("reasoning_content") is not None:
+        delta["reasoning_content"] = message["reasoning_content"]
+    first: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+    if "logprobs" in choice:
+        first["logprobs"] = choice["logprobs"]
+    last: dict[str, Any] = {"choices": [], "usage": data.get("usage")}
+    if "timings" in data:
+        last["timings"] = data["timings"]
+    return [
+        {"object": "chat.completion.chunk", "choices": [first]},
+        {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        last,
+    ]
 
 
 def completion(
@@ -72,6 +96,8 @@ class RecordingServer:
         self.server_header = server_header
         self.requests: list[Recorded] = []
         self.queues: dict[str, deque[Canned]] = {}
+        self.active = 0  # requests being answered now
+        self.max_active = 0  # the most answered at once
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -137,12 +163,35 @@ class RecordingServer:
                 with stub._lock:
                     stub.requests.append(Recorded(self.command, self.path, dict(self.headers), body, raw))
                 canned = stub._next(self.path) or stub._default(self.command, self.path)
-                if canned.delay_s:
-                    time.sleep(canned.delay_s)
+                with stub._lock:
+                    stub.active += 1
+                    stub.max_active = max(stub.max_active, stub.active)
+                try:
+                    if canned.delay_s:
+                        time.sleep(canned.delay_s)
+                    self._answer(canned, body)
+                finally:
+                    with stub._lock:
+                        stub.active -= 1
+
+            def _answer(self, canned: Canned, body: Any) -> None:
+                streamed = isinstance(body, dict) and body.get("stream") and canned.status < 400
+                if streamed and canned.raw is None:
+                    if canned.events is not None:
+                        events = canned.events
+                    elif isinstance(canned.body, dict) and canned.body.get("choices"):
+                        events = sse_events(canned.body)
+                    else:
+                        events = [canned.body]
+                    self._stream(canned, events)
+                    return
                 payload = canned.raw if canned.raw is not None else json.dumps(canned.body).encode()
+                self._reply(canned, "application/json", payload)
+
+            def _reply(self, canned: Canned, content_type: str, payload: bytes) -> None:
                 try:
                     self.send_response(canned.status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(payload)))
                     if stub.server_header:
                         self.send_header("Server", stub.server_header)
@@ -152,6 +201,21 @@ class RecordingServer:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):  # the client went away (a cancel)
                     pass
+
+            def _stream(self, canned: Canned, events: list[Any]) -> None:
+                lines = [e if isinstance(e, str) else f"data: {json.dumps(e)}" for e in events]
+                if not canned.cut:
+                    lines.append("data: [DONE]")
+                payload = "".join(f"{line}\n\n" for line in lines).encode()
+                if canned.cut:  # no length, no [DONE]: the reply just stops
+                    self.close_connection = True
+                    self.send_response(canned.status)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self._reply(canned, "text/event-stream", payload)
 
             do_GET = _serve  # noqa: N815 - http.server's naming
             do_POST = _serve  # noqa: N815

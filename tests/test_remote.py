@@ -38,12 +38,13 @@ from vlmduo.remote.client import TokenLogprob
 from vlmduo.testing import ScriptedAgent
 
 CHAT = "/v1/chat/completions"
-COMMON = {"model", "messages", "max_tokens", "temperature", "seed", "stream", "logprobs", "top_logprobs"}
+COMMON = {"model", "messages", "max_tokens", "temperature", "seed", "stream", "stream_options", "logprobs"}
+COMMON |= {"top_logprobs"}
 DOCUMENTED = {
     "vllm": COMMON
     | {"structured_outputs", "continue_final_message", "add_generation_prompt", "chat_template_kwargs"},
     "sglang": COMMON | {"regex", "ebnf", "continue_final_message", "chat_template_kwargs"},
-    "ollama": COMMON | {"response_format", "stream_options", "stop", "top_p"},
+    "ollama": COMMON | {"response_format", "stop", "top_p"},
     "llama-server": COMMON
     | {"grammar", "json_schema", "cache_prompt", "continue_final_message", "add_generation_prompt"},
     "openai": COMMON | {"response_format"},
@@ -80,7 +81,8 @@ def test_short_answer_then_transfer_fields_per_server(server: str) -> None:
     first, second = stub.bodies()
     for body in (first, second):
         assert set(body) <= DOCUMENTED[server], set(body) - DOCUMENTED[server]
-        assert body["model"] == "stub-model" and body["max_tokens"] == 4 and body["stream"] is False
+        assert body["model"] == "stub-model" and body["max_tokens"] == 4
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
         assert body["logprobs"] is True and body["top_logprobs"] == 20
     # The transfer repeats the user message (image + question) byte for byte...
     assert json.dumps(second["messages"][0]) == json.dumps(first["messages"][0])
@@ -295,6 +297,16 @@ def test_model_check_and_server_detection() -> None:
         (Canned({"error": {"message": "bad"}}, status=400), r"rejected the request \(HTTP 400\)"),
         (Canned({"id": "x", "choices": []}), r"replied without choices"),
         (Canned(raw=b"<html>proxy error</html>"), r"not JSON"),
+        (
+            Canned(events=[{"choices": [{"index": 0, "delta": {"content": "A"}}]}], cut=True),
+            r"lost mid-reply",
+        ),
+        (Canned(events=[{"error": {"message": "out of memory"}}]), r"failed mid-reply: out of memory"),
+        (
+            Canned(events=['error: {"code": 500, "message": "context full"}']),
+            r"failed mid-reply: context full",
+        ),
+        (Canned(events=["data: {not json"]), r"malformed event"),
     ],
 )
 def test_failures_are_one_line_remote_errors(canned: Canned, match: str) -> None:
@@ -304,6 +316,17 @@ def test_failures_are_one_line_remote_errors(canned: Canned, match: str) -> None
             _agent(stub).answer_short(_question(), Sampling())
     assert "\n" not in err.value.message and stub.url in err.value.message
     assert len(stub.bodies()) == 1  # not retried
+
+
+def test_a_server_that_does_not_stream_is_read_whole_and_progress_is_told() -> None:
+    told: list[tuple[str, str, int]] = []
+    with RecordingServer() as stub:
+        stub.enqueue(CHAT, Canned(raw=json.dumps(completion("B")).encode()), Canned(completion("C")))
+        agent = _agent(stub)
+        whole = agent.answer_short(_question(), Sampling())
+        streamed = agent.answer_short(_question(), Sampling(), progress=lambda *a: told.append(a))
+    assert whole.result.answer == "B" and streamed.result.answer == "C"
+    assert ("remote", "answer", 1) in told  # one content chunk arrived
 
 
 def test_a_5xx_mid_run_fails_the_transfer() -> None:
@@ -427,3 +450,32 @@ def test_registry_rejects_malformed_remote_entries(tmp_path, table: str, problem
     (tmp_path / "models.toml").write_text(f"[models.r]\n{table}\n")
     with pytest.raises(RegistryError, match=problem):
         registry.load_registry(tmp_path)
+
+
+def test_eval_keeps_several_remote_items_in_flight_and_isolates_failures(tmp_path) -> None:
+    from PIL import Image
+
+    from vlmduo.datasets import load_dataset
+    from vlmduo.eval_run import EvalConfig, run_eval
+    from vlmduo.evaluation import ResultsLog
+
+    rows = []
+    for i in range(6):
+        image = synthetic_image(32, 32, seed=20 + i)
+        Image.frombytes("RGB", (32, 32), image.rgb).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "Which?", "options": ["x", "y"], "answer": "A"})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_dataset(tmp_path / "d.jsonl")
+    replies = [Canned(completion("A"), delay_s=0.3) for _ in range(5)]
+    replies.insert(2, Canned({"error": {"message": "engine died"}}, status=500, delay_s=0.3))
+    with RecordingServer() as stub:
+        stub.enqueue(CHAT, *replies)
+        large = _agent(stub)
+        log = ResultsLog(tmp_path / "results.jsonl")
+        outcome = run_eval(dataset, [EvalConfig("large")], log, small=None, large=large, concurrency=3)
+    assert outcome.n_run == 6 and outcome.n_errors == 1
+    assert stub.max_active >= 2  # items overlapped on the server (sequential would be 1)
+    errors = [r["error"] for r in log.records() if "error" in r]
+    assert len(errors) == 1 and "engine died" in errors[0]  # the others were not cancelled by it
+    with pytest.raises(UsageError, match="needs remote agents"):
+        run_eval(dataset, [EvalConfig("large")], log, small=None, large=ScriptedAgent("local"), concurrency=2)

@@ -161,10 +161,15 @@ def run_eval(
     skipped = [0]
     n_run = 0
     interrupted = False
-    cancel = threading.Event()
+    in_flight: set[threading.Event] = set()  # one cancel per ask: a failed item stops only itself
 
     def record(job: _Job) -> EvalRecord:
-        return _evaluate(*job, base, small, large, cancel)
+        cancel = threading.Event()
+        in_flight.add(cancel)
+        try:
+            return _evaluate(*job, base, small, large, cancel)
+        finally:
+            in_flight.discard(cancel)
 
     def keep(job: _Job, result: EvalRecord) -> None:
         nonlocal n_run
@@ -182,7 +187,8 @@ def run_eval(
         else:
             _run_concurrently(jobs, record, keep, concurrency)
     except KeyboardInterrupt:
-        cancel.set()
+        for cancel in list(in_flight):
+            cancel.set()
         interrupted = True
     return EvalOutcome(
         dataset=dataset.name,

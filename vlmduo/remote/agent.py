@@ -19,6 +19,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -269,10 +270,9 @@ class RemoteAgent:
         self.connect(cancel)
         user, image_ms = self._user(question, "" if self.thinking else STEP_BY_STEP)
         _tell(progress, self.name, "reason", 0)
+        body = self._body([user], think_budget, sampling, logprobs=reasoning_logprobs)
         try:
-            first = self.client.chat(
-                self._body([user], think_budget, sampling, logprobs=reasoning_logprobs), cancel=cancel
-            )
+            first = self.client.chat(body, cancel=cancel, on_chunk=_teller(progress, self.name, "reason"))
         except Cancelled:
             return self._cancelled([], None, load_ms, image_ms)
         pieces, logprobs = self._reasoning(first, reasoning_logprobs)
@@ -282,7 +282,9 @@ class RemoteAgent:
         prefill = closed or reasoning + ANSWER_CUE
         try:
             messages = [user, _assistant(prefill)]
-            second = self._constrained(messages, question, sampling, cancel, continued=True)
+            second = self._constrained(
+                messages, question, sampling, cancel, continued=True, progress=progress
+            )
         except Cancelled:
             return self._cancelled([first], reasoning.strip(), load_ms, image_ms)
         answer, constrained = self._read(question, second)
@@ -315,7 +317,9 @@ class RemoteAgent:
         if self.thinking:
             messages.append(_assistant(f"{self.ref.think_start}\n\n{self.ref.think_end}\n\n"))
         _tell(progress, self.name, "answer", 0)
-        reply = self._constrained(messages, question, sampling, cancel, continued=self.thinking)
+        reply = self._constrained(
+            messages, question, sampling, cancel, continued=self.thinking, progress=progress
+        )
         answer, constrained = self._read(question, reply)
         result = self._result([reply], answer, None, load_ms, image_ms, constrained)
         result.answer_probability = self._probability(reply, question)
@@ -341,8 +345,15 @@ class RemoteAgent:
         else:
             prefill = text + TRANSFER_CUE
         _tell(progress, self.name, "transfer", 0)
+        messages = [short.user, _assistant(prefill)]
         reply = self._constrained(
-            [short.user, _assistant(prefill)], question, sampling, cancel or short.cancel, continued=True
+            messages,
+            question,
+            sampling,
+            cancel or short.cancel,
+            continued=True,
+            progress=progress,
+            phase="transfer",
         )
         answer, constrained = self._read(question, reply)
         cached = reply.cached_tokens
@@ -403,7 +414,6 @@ class RemoteAgent:
             "max_tokens": max_tokens,
             "temperature": sampling.temperature,
             "seed": sampling.seed,
-            "stream": False,
         }
         body.update(servers.request_fields(kind))
         if continued:
@@ -422,6 +432,8 @@ class RemoteAgent:
         cancel: CancelFlag | None,
         *,
         continued: bool,
+        progress: Progress | None = None,
+        phase: str = "answer",
     ) -> Reply:
         body = self._body(
             messages,
@@ -431,7 +443,7 @@ class RemoteAgent:
             continued=continued,
             question=question,
         )
-        reply = self.client.chat(body, cancel=cancel)
+        reply = self.client.chat(body, cancel=cancel, on_chunk=_teller(progress, self.name, phase))
         if continued:
             reply.text = _strip_prefill(reply.text, messages[-1]["content"])
         return reply
@@ -526,6 +538,13 @@ def _strip_prefill(text: str, prefill: str) -> str:
 def _tell(progress: Progress | None, name: str, phase: str, tokens: int) -> None:
     if progress is not None:
         progress(name, phase, tokens)
+
+
+def _teller(progress: Progress | None, name: str, phase: str) -> Callable[[int], None] | None:
+    """``progress`` as the client's per-chunk callback."""
+    if progress is None:
+        return None
+    return lambda n: progress(name, phase, n)
 
 
 def _warn_once(key: str, message: str) -> None:

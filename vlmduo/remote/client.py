@@ -3,9 +3,11 @@
 Every failure becomes one :class:`~vlmduo.errors.RemoteError` line that names the
 endpoint: down, refused (401/403), unknown model or path (404), timed out, a 5xx,
 a connection lost mid-reply, a reply without choices. Only 429 and 503 (busy) are
-retried, with exponential backoff (or the server's ``Retry-After``). A ``cancel``
-flag shuts the request's socket down, so a read blocked on a long prefill ends at
-once and the server sees the client go.
+retried, with exponential backoff (or the server's ``Retry-After``). Chat replies
+are streamed (server-sent events): progress can be shown as tokens come, and a
+``cancel`` flag shuts the request's socket down, so a read blocked on a long
+prefill ends at once and the server sees the client go (llama-server only notices
+a client leaving while it streams).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -196,12 +199,72 @@ class Client:
         """POST ``body`` as JSON to ``path``; a 2xx response with JSON."""
         return self._send("POST", path, body, cancel)[0]
 
-    def chat(self, body: dict[str, Any], *, cancel: CancelFlag | None = None) -> Reply:
-        """POST ``/chat/completions`` and read the first choice."""
+    def chat(
+        self,
+        body: dict[str, Any],
+        *,
+        cancel: CancelFlag | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> Reply:
+        """POST ``/chat/completions`` as a stream and collect the first choice.
+
+        ``on_chunk(n)`` is called after each of the ``n`` content chunks received.
+        A server that answers with one JSON object instead of a stream is read too.
+        """
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         start = time.perf_counter()
-        response, attempts = self._send("POST", "/chat/completions", body, cancel)
-        wall_ms = (time.perf_counter() - start) * 1000.0
-        return parse_reply(response.json(), self.url, wall_ms, attempts)
+        for attempt in range(1, self.retries + 2):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{self.url}: cancelled")
+            with _Abort(cancel) as abort:
+                try:
+                    with self._http.stream(
+                        "POST", self.url + "/chat/completions", json=body, extensions={"trace": abort.trace}
+                    ) as response:
+                        delay = self._retry_delay(response, attempt)
+                        if delay is None:
+                            reply = self._read_chat(response, cancel, on_chunk)
+                            reply.wall_ms = (time.perf_counter() - start) * 1000.0
+                            reply.attempts = attempt
+                            return reply
+                except httpx.HTTPError as exc:
+                    if abort.fired:
+                        raise Cancelled(f"{self.url}: cancelled") from exc
+                    raise transport_error(exc, self.url, self.timeout) from exc
+            self._sleep(delay, cancel)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying a busy reply (429/503), None to read it now."""
+        if response.status_code in RETRY_STATUS and attempt <= self.retries:
+            return self._delay(response, attempt)
+        if response.status_code >= 400:
+            response.read()
+            raise status_error(response, self.url, attempt)
+        return None
+
+    def _read_chat(
+        self, response: httpx.Response, cancel: CancelFlag | None, on_chunk: Callable[[int], None] | None
+    ) -> Reply:
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            response.read()
+            try:
+                data = response.json()
+            except ValueError as exc:
+                raise RemoteError(
+                    f"{self.url} sent a reply that is not JSON (HTTP {response.status_code})",
+                    hint="is this an OpenAI-compatible server? the URL usually ends with /v1",
+                ) from exc
+            return parse_reply(data, self.url, 0.0)
+        stream = _Stream(self.url)
+        for line in response.iter_lines():
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{self.url}: cancelled")
+            if stream.feed(line):
+                break
+            if on_chunk is not None and stream.changed:
+                on_chunk(stream.n_content)
+        return stream.reply()
 
     # -- the request, its retries and its failures -----------------------------------
     def _send(
@@ -317,6 +380,90 @@ def status_error(response: httpx.Response, url: str, attempts: int = 1) -> Remot
     if status >= 500:
         return RemoteError(f"{url} failed (HTTP {status}){detail}", hint="see the server's log")
     return RemoteError(f"{url} rejected the request (HTTP {status}){detail}")
+
+
+class _Stream:
+    """Collects a streamed chat completion: content and reasoning deltas, log-probs, the
+    finish reason, and the usage (and llama-server's timings) of its last events."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tokens: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+        self.saw_choice = False
+        self.done = False
+        self.changed = False
+        self.n_content = 0
+
+    def feed(self, line: str) -> bool:
+        """Take one line of the event stream; True at its end (``[DONE]``)."""
+        self.changed = False
+        if line.startswith("data:"):
+            payload = line[5:].strip()
+        elif line.startswith("error:"):  # llama-server names failures this way
+            payload = line[6:].strip()
+        else:
+            return False  # blank separators, comments, event names
+        if payload == "[DONE]":
+            self.done = True
+            return True
+        try:
+            chunk = json.loads(payload)
+        except ValueError as exc:
+            raise RemoteError(f"{self.url} sent a malformed event: {payload[:80]}") from exc
+        if (isinstance(chunk, dict) and "error" in chunk) or line.startswith("error:"):
+            error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+            message = error.get("message", "") if isinstance(error, dict) else str(error)
+            raise RemoteError(f"{self.url} failed mid-reply: {' '.join(str(message).split())[:200]}")
+        self._add(chunk)
+        return False
+
+    def _add(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            return
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            self.saw_choice = True
+            delta = choice.get("delta") or choice.get("message") or {}
+            if delta.get("content"):
+                self.text.append(delta["content"])
+                self.n_content += 1
+                self.changed = True
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self.reasoning.append(reasoning)
+                self.n_content += 1
+                self.changed = True
+            self.tokens += _logprobs(choice.get("logprobs"))
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+
+    def reply(self) -> Reply:
+        """The collected reply; RemoteError when it held no choice or ended early."""
+        if not self.saw_choice:
+            raise RemoteError(f"{self.url} replied without choices", hint="see the server's log")
+        if not self.done and self.finish_reason is None:
+            raise RemoteError(
+                f"the connection to {self.url} was lost mid-reply",
+                hint="did the server stop or restart? check its log",
+            )
+        return Reply(
+            text="".join(self.text),
+            reasoning="".join(self.reasoning),
+            finish_reason=self.finish_reason,
+            tokens=self.tokens,
+            usage=self.usage,
+            timings=self.timings,
+            wall_ms=0.0,
+        )
 
 
 def parse_reply(data: Any, url: str, wall_ms: float, attempts: int = 1) -> Reply:
