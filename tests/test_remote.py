@@ -398,8 +398,8 @@ def test_api_key_from_the_environment(monkeypatch) -> None:
     ("ref", "endpoint", "model", "name"),
     [
         ("http://gpu:8000/v1#Qwen/Qwen3-VL-8B-Instruct", "http://gpu:8000/v1", "Qwen/Qwen3-VL-8B-Instruct",
-         "Qwen3-VL-8B-Instruct@gpu:8000"),
-        ("http://127.0.0.1:8080#big", "http://127.0.0.1:8080/v1", "big", "big@127.0.0.1:8080"),
+         "Qwen3-VL-8B-Instruct"),
+        ("http://127.0.0.1:8080#big", "http://127.0.0.1:8080/v1", "big", "big"),
         ("https://host/api/v1/", "https://host/api/v1", None, "host"),
     ],
 )  # fmt: skip

@@ -81,7 +81,7 @@ def parse_ref(ref: str) -> RemoteModel:
     short = model.rstrip("/").rsplit("/", 1)[-1] if model else ""
     # Without a registry entry, the id is the best hint of a reasoning model (as for .gguf paths).
     return RemoteModel(
-        name=f"{short}@{host}" if short else host,
+        name=short or host,
         endpoint=endpoint,
         model=model or None,
         thinking="think" in model.lower(),
