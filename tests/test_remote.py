@@ -479,3 +479,36 @@ def test_eval_keeps_several_remote_items_in_flight_and_isolates_failures(tmp_pat
     assert len(errors) == 1 and "engine died" in errors[0]  # the others were not cancelled by it
     with pytest.raises(UsageError, match="needs remote agents"):
         run_eval(dataset, [EvalConfig("large")], log, small=None, large=ScriptedAgent("local"), concurrency=2)
+
+
+def test_timing_table_marks_the_remote_agent() -> None:
+    from rich.console import Console
+
+    from vlmduo.cli.render import timing_table
+
+    small = ScriptedAgent("small").enqueue(answer="C", reasoning="Three corners.")
+    usage = {"prompt_tokens": 70, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 52}}
+    timings = {"cache_n": 52, "prompt_n": 18, "prompt_ms": 4.0, "predicted_n": 1, "predicted_ms": 1.0}
+    with RecordingServer(owned_by="llamacpp") as stub:
+        stub.enqueue(CHAT, Canned(completion("A", timings=timings)))
+        stub.enqueue(CHAT, Canned(completion("C", usage=usage, timings=timings)))
+        result = ask(_question(), AskOptions(policy="always"), small=small, large=_agent(stub))
+    console = Console(record=True, width=120)
+    console.print(timing_table(result))
+    text = console.export_text()
+    assert "large (remote, remote)" in text and "small (small)" in text
+    assert "request" in text and "(52 cached)" in text and "transfer_request" in text
+
+
+def test_doctor_checks_remote_endpoints() -> None:
+    from vlmduo.diagnostics import check_endpoints
+
+    with RecordingServer(owned_by="vllm") as stub:
+        good = check_endpoints({"small": "synthetic-small", "large": f"{stub.url}#stub-model"})
+        wrong = check_endpoints({"large": f"{stub.url}#nope"})
+        stub.enqueue(CHAT, Canned({"error": {"message": "image input is not supported"}}, status=500))
+        blind = check_endpoints({"large": f"{stub.url}#stub-model"})
+    assert [e["role"] for e in good] == ["large"]  # the local model is not a server
+    assert good[0]["ok"] and good[0]["vision"] and good[0]["server"] == "vllm"
+    assert wrong[0]["reachable"] and not wrong[0]["model_listed"] and not wrong[0]["ok"]
+    assert blind[0]["model_listed"] and not blind[0]["vision"] and "not supported" in blind[0]["error"]

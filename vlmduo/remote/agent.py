@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -138,8 +139,6 @@ class RemoteAgent:
     is_remote = True
 
     def __init__(self, ref: RemoteModel, *, api_key: str | None = None, client: Client | None = None) -> None:
-        import os
-
         self.ref = ref
         self.name = ref.name
         self.thinking = ref.thinking
