@@ -512,3 +512,17 @@ def test_doctor_checks_remote_endpoints() -> None:
     assert good[0]["ok"] and good[0]["vision"] and good[0]["server"] == "vllm"
     assert wrong[0]["reachable"] and not wrong[0]["model_listed"] and not wrong[0]["ok"]
     assert blind[0]["model_listed"] and not blind[0]["vision"] and "not supported" in blind[0]["error"]
+
+
+def test_a_local_agent_beside_a_remote_one_keeps_all_its_cores() -> None:
+    seen: list[bool] = []
+
+    class Spy(ScriptedAgent):
+        def stage1_threads(self, sequential: bool):
+            seen.append(sequential)
+            return super().stage1_threads(sequential)
+
+    with RecordingServer() as stub:
+        ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=_agent(stub))
+    ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=ScriptedAgent("local"))
+    assert seen == [True, False]  # alone with a remote partner; sharing with a local one

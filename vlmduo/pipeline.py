@@ -205,8 +205,10 @@ def _duo(
 ) -> AskResult:
     start = time.perf_counter()
     with contextlib.ExitStack() as scoped:
-        for agent in (small, large):  # restored on leaving, also after an error
-            scoped.enter_context(agent.stage1_threads(options.sequential))
+        for agent, other in ((small, large), (large, small)):  # restored on leaving, also after an error
+            # A local agent beside a remote one has the cores to itself.
+            alone = options.sequential or getattr(other, "is_remote", False)
+            scoped.enter_context(agent.stage1_threads(alone))
         short, small_result = _stage1(question, options, small, large, sampling, load_ms, progress, cancel)
     stage1_ms = (time.perf_counter() - start) * 1000.0
     return _decide(
