@@ -524,5 +524,6 @@ def test_a_local_agent_beside_a_remote_one_keeps_all_its_cores() -> None:
 
     with RecordingServer() as stub:
         ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=_agent(stub))
-    ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=ScriptedAgent("local").enqueue(answer="A"))
+    local = ScriptedAgent("local").enqueue(answer="A")
+    ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=local)
     assert seen == [True, False]  # alone with a remote partner; sharing with a local one
