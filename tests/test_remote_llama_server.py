@@ -129,6 +129,9 @@ def test_remote_thinking_small_agent_reasons_then_answers(synthetic_cache: Path,
         ref = dataclasses.replace(parse_ref(f"{server.url}#synthetic-small"), thinking=True)
         agent = RemoteAgent(ref)
         result = agent.reason(_question(), Sampling(max_answer_tokens=2), 16, reasoning_logprobs=True)
+        plain = agent.reason(_question(), Sampling(max_answer_tokens=2), 16)
+    assert plain.reasoning and "</think>" not in plain.reasoning and "<think>" not in plain.reasoning
+    assert plain.reasoning_logprobs == [] and "".join(plain.reasoning_pieces).strip() == plain.reasoning
     assert result.answer in {"A", "B", "C"} and result.constrained is True
     assert result.server["requests"] == 2 and result.tokens["generated"] >= 2
     assert len(result.reasoning_pieces) == len(result.reasoning_logprobs) > 0
