@@ -6,7 +6,7 @@
 # The binary goes to a cache outside the repository, reused when present:
 #   ${LLAMA_SERVER_CACHE:-${XDG_CACHE_HOME:-~/.cache}/vlmduo/llama-server-VERSION}/bin/llama-server
 # Only the llama-server target is built (static, no curl, no OpenSSL, no web UI
-# download): about 5 minutes on 2 cores. Prints the binary's path on stdout.
+# download), once: later runs find it. Prints the binary's path on stdout.
 #
 #   bash scripts/build_llama_server.sh            # build (or find) it
 #   export LLAMA_SERVER_BIN=$(bash scripts/build_llama_server.sh)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-BUILD_HINT = "build it with: bash scripts/build_llama_server.sh (about 5 minutes), or set LLAMA_SERVER_BIN"
+BUILD_HINT = "build it once with: bash scripts/build_llama_server.sh, or set LLAMA_SERVER_BIN"
 
 
 def find_binary() -> Path | None:
