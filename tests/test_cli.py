@@ -67,7 +67,10 @@ def test_json_is_exactly_one_object_with_the_contract_keys(image_file, model_arg
         "select",
         "transfer_prefill",
         "answer_decode",
+        "process",
     }
+    # The process figure holds everything else: the interpreter's start, imports, loading.
+    assert data["timings_ms"]["process"] > data["timings_ms"]["total"] > 0
     assert out.stderr == b""
 
 
@@ -97,6 +100,14 @@ def test_show_reasoning_goes_to_stderr(image_file, model_args, isolated_env):
     assert out.returncode == 0
     assert "[small reasoning]" in out.stderr.decode() and "[transferred" in out.stderr.decode()
     assert "[small reasoning]" not in out.stdout.decode()
+
+
+def test_show_reasoning_beside_json_keeps_stdout_one_object(image_file, model_args, isolated_env):
+    args = ["ask", str(image_file), "Is it a cat?", *model_args, "--json", "--show-reasoning"]
+    out = run_cli(args, isolated_env)
+    assert out.returncode == 0, out.stderr.decode()
+    json.loads(out.stdout)
+    assert "[small reasoning]" in out.stderr.decode()
 
 
 def _bad_mmproj(tmp_path, small_files):
@@ -148,7 +159,10 @@ def test_errors_are_one_line_with_exit_codes(
     assert needle.lower() in err.lower()
     assert out.stdout == b""
     _no_traceback(out.stderr)
-    assert len([line for line in err.splitlines() if line.startswith("Error")]) == 1
+    # The documented form: one Error line, then at most one Hint line, nothing else.
+    lines = err.splitlines()
+    assert lines[0].startswith("Error: ") and len(lines) <= 2, lines
+    assert all(line.startswith("Hint: ") for line in lines[1:]), lines
 
 
 def test_debug_shows_the_traceback(tmp_path, model_args, isolated_env):

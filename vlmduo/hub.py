@@ -204,6 +204,7 @@ def _ensure_many(
 ) -> dict[str, tuple[Path, Path]]:
     found: dict[str, tuple[Path, Path]] = {}
     missing: list[_Wanted] = []
+    unavailable: list[str] = []  # offline and not on disk: every one named in one error
     for entry in entries:
         if entry.source == "remote":
             raise UsageError(f"'{entry.name}' is served by {entry.endpoint}; there is nothing to download")
@@ -221,15 +222,19 @@ def _ensure_many(
                 hint=f"fix [models.{entry.name}] in {entry.origin}",
             )
         elif offline_mode(offline):
-            raise OfflineError(
-                f"'{entry.name}' is not downloaded and offline mode is on",
-                hint=f"run: vlmduo pull {entry.name} (online, with HF_HUB_OFFLINE unset)",
-            )
+            unavailable.append(entry.name)
         else:
             if model is None:
                 missing.append(_Wanted(entry, entry.file or "", entry.sha256))
             if mmproj is None:
                 missing.append(_Wanted(entry, entry.mmproj or "", entry.mmproj_sha256))
+    if unavailable:
+        listed = " and ".join(f"'{name}'" for name in unavailable)
+        raise OfflineError(
+            f"{listed} {'is' if len(unavailable) == 1 else 'are'} not downloaded and offline mode is on",
+            hint=f"once online, unset HF_HUB_OFFLINE (or drop --offline) and run: "
+            f"vlmduo pull {' '.join(unavailable)}",
+        )
     # One download per file even when two entries share it (a projector, say).
     missing = list({(w.entry.repo, w.filename, w.entry.revision): w for w in missing}.values())
     # Ask the Hub for every size first, so a pull that cannot fit fails before it starts.
@@ -381,7 +386,8 @@ def _verify(plan: _Plan) -> None:
         raise ChecksumError(
             f"checksum mismatch for {plan.wanted.filename} of '{entry.name}': expected "
             f"{pin[:12]}..., got {actual[:12]}...; the downloaded file was deleted",
-            hint=f"run: vlmduo pull {entry.name} to retry, or fix the pin in {entry.origin}",
+            hint=f"a transfer error goes away if you run it again; if the same mismatch returns, "
+            f"fix 'sha256' of [models.{entry.name}] in {entry.origin}",
         )
 
 
@@ -402,46 +408,62 @@ def _mapped_errors(wanted: _Wanted) -> Iterator[None]:
 
 
 def _download_error(exc: Exception, wanted: _Wanted) -> DownloadError | None:
+    # A hint never repeats the command that just failed as if it could work now: it says
+    # what to change first, and "run it again" only where a retry can succeed.
     entry, filename = wanted.entry, wanted.filename
     repo, where = entry.repo, f"[models.{entry.name}] in {entry.origin}"
-    retry = f"vlmduo pull {entry.name}"
+    endpoint = hub_endpoint()
     if isinstance(exc, hf_errors.GatedRepoError):
         return DownloadError(
             f"{repo} is gated: accept its terms on the Hub and use a token",
-            hint=f"run: hf auth login (or set HF_TOKEN), then: {retry}",
+            hint=f"accept the terms at {endpoint}/{repo}, run: hf auth login (or set HF_TOKEN), "
+            "then run it again",
         )
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return DownloadError(
-            f"repository {repo} not found on {hub_endpoint()} (or it is private)",
-            hint=f"check 'repo' of {where}; a private repo needs HF_TOKEN",
+            f"repository {repo} not found on {endpoint} (or it is private)",
+            hint=f"check 'repo' of {where} and HF_ENDPOINT; a private repo needs HF_TOKEN",
         )
     if isinstance(exc, hf_errors.RevisionNotFoundError):
         return DownloadError(
             f"revision {entry.revision} not found in {repo}", hint=f"check 'revision' of {where}"
         )
     if isinstance(exc, hf_errors.RemoteEntryNotFoundError):
-        return DownloadError(f"file {filename} not found in {repo}", hint=f"check {where}")
+        return DownloadError(
+            f"file {filename} not found in {repo}", hint=f"check 'file' and 'mmproj' of {where}"
+        )
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return OfflineError(
             f"'{entry.name}' needs a download and offline mode is on",
-            hint=f"run: {retry} (online, with HF_HUB_OFFLINE unset)",
+            hint=f"run: vlmduo pull {entry.name} (online, with HF_HUB_OFFLINE unset)",
         )
     if isinstance(exc, hf_errors.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
-        hint = f"set HF_TOKEN, then run: {retry}" if status in (401, 403) else f"run: {retry}"
-        return DownloadError(f"the Hub answered HTTP {status} for {filename} of {repo}", hint=hint)
+        message = f"the Hub answered HTTP {status} for {filename} of {repo}"
+        if status in (401, 403):
+            hint = f"set HF_TOKEN to a token that can read {repo}, then run it again"
+        elif status == 404:
+            hint = f"check 'repo', 'file', 'mmproj' and 'revision' of {where}, and HF_ENDPOINT ({endpoint})"
+        elif isinstance(status, int) and (status == 429 or status >= 500):
+            hint = f"{endpoint} is busy or down: wait a while, then run it again (it resumes)"
+        else:
+            hint = f"check HF_ENDPOINT ({endpoint}) and {where}"
+        return DownloadError(message, hint=hint)
     if isinstance(exc, (hf_errors.LocalEntryNotFoundError, *_network_errors())):
         return DownloadError(
-            f"cannot reach {hub_endpoint()}: {_first_line(exc)}",
-            hint=f"check the network or proxy, then run: {retry} (it resumes)",
+            f"cannot reach {endpoint}: {_first_line(exc)}",
+            hint="check the network, a proxy or HF_ENDPOINT, then run it again (it resumes)",
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return DiskSpaceError(
             f"disk full while downloading {filename}",
-            hint=f"free some space, then run: {retry} (it resumes)",
+            hint="free some space or point HF_HOME at a larger disk, then run it again (it resumes)",
         )
     if isinstance(exc, OSError):
-        return DownloadError(f"download of {filename} failed: {_first_line(exc)}", hint=f"run: {retry}")
+        return DownloadError(
+            f"download of {filename} failed: {_first_line(exc)}",
+            hint=f"check that {hub_cache_dir()} is writable (or set HF_HOME), then run it again",
+        )
     return None
 
 

@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmduo import answers, selection, workers
@@ -145,7 +145,7 @@ def ask(
     if options.mode == "duo":
         if small is None or large is None:
             raise UsageError("duo mode needs both a small and a large model")
-        return _duo(question, options, small, large, sampling, load_ms, progress, cancel)
+        return _Duo(question, options, small, large, sampling, load_ms, progress, cancel).run()
     agent = small if options.mode == "small" else large
     if agent is None:
         raise UsageError(
@@ -193,105 +193,155 @@ def _wait(work: Future[T], cancel: threading.Event) -> T:
         raise
 
 
-def _duo(
-    question: Question,
-    options: AskOptions,
-    small: AgentLike,
-    large: AgentLike,
-    sampling: Sampling,
-    load_ms: dict[str, float],
-    progress: Progress | None,
-    cancel: threading.Event,
-) -> AskResult:
-    start = time.perf_counter()
-    with contextlib.ExitStack() as scoped:
-        for agent, other in ((small, large), (large, small)):  # restored on leaving, also after an error
-            # A local agent beside a remote one has the cores to itself.
-            alone = options.sequential or getattr(other, "is_remote", False)
-            scoped.enter_context(agent.stage1_threads(alone))
-        short, small_result = _stage1(question, options, small, large, sampling, load_ms, progress, cancel)
-    stage1_ms = (time.perf_counter() - start) * 1000.0
-    return _decide(
-        question,
-        options,
-        small,
-        large,
-        sampling,
-        short,
-        small_result,
-        stage1_ms,
-        start,
-        load_ms,
-        progress,
-        cancel,
-    )
+@dataclass
+class _Duo:
+    """One duo ask: both agents, the policy, and the transfer when it is needed."""
 
+    question: Question
+    options: AskOptions
+    small: AgentLike
+    large: AgentLike
+    sampling: Sampling
+    load_ms: dict[str, float]
+    progress: Progress | None
+    cancel: threading.Event
+    # Set by a confident large answer: cancels the small agent only.
+    confident: threading.Event = field(default_factory=threading.Event)
 
-def _stage1(
-    question: Question,
-    options: AskOptions,
-    small: AgentLike,
-    large: AgentLike,
-    sampling: Sampling,
-    load_ms: dict[str, float],
-    progress: Progress | None,
-    cancel: threading.Event,
-) -> tuple[ShortAnswer, AgentResult]:
-    """Both agents' first answers. The first failure (or Ctrl-C) cancels the other
-    agent and is raised once both have stopped; a confident large answer cancels
-    the small agent (sequential: never starts it)."""
-    confident = threading.Event()  # cancels the small agent only
-    small_load = load_ms.get(small.name, 0.0)
-
-    def run_small() -> AgentResult:
-        try:
-            if confident.is_set():
-                raise Cancelled(f"{small.name}: not needed")
-            return small.reason(
-                question,
-                sampling,
-                options.think_budget,
-                load_ms=small_load,
-                cancel=workers.AnyOf(cancel, confident),
-                progress=progress,
-                reasoning_logprobs=options.selector == "surprisal",
-            )
-        except Cancelled:
-            if cancel.is_set() or not confident.is_set():
-                raise
-            return _skipped(small.name, small_load)
-
-    def run_large() -> ShortAnswer:
-        reserve = options.transfer_budget + 8
-        load = load_ms.get(large.name, 0.0)
-        return large.answer_short(
-            question, sampling, reserve=reserve, load_ms=load, cancel=cancel, progress=progress
+    def run(self) -> AskResult:
+        start = time.perf_counter()
+        with contextlib.ExitStack() as scoped:
+            pairs = ((self.small, self.large), (self.large, self.small))
+            for agent, other in pairs:  # restored on leaving, also after an error
+                # A local agent beside a remote one has the cores to itself.
+                alone = self.options.sequential or getattr(other, "is_remote", False)
+                scoped.enter_context(agent.stage1_threads(alone))
+            short, small_result = self._stage1()
+        timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
+        route, answer, transferred = self._decide(short, small_result, timings)
+        wall = (time.perf_counter() - start) * 1000.0
+        load = sum(self.load_ms.get(a.name, 0.0) for a in (self.small, self.large))
+        timings["total"] = round(wall + load, 3)
+        after = sum(timings.get(k, 0.0) for k in ("select", "transfer_prefill", "answer_decode"))
+        if transferred and transferred.get("request_ms") is not None:
+            # A remote transfer's wall time (network included) stands for its prefill and decode.
+            after = timings.get("select", 0.0) + transferred["request_ms"]
+        timings["critical_path"] = round(_critical_path(small_result, short.result, route) + after, 3)
+        return AskResult(
+            answer=answer,
+            mode="duo",
+            policy=self.options.policy,
+            route=route,
+            format=self.question.fmt,
+            small=small_result,
+            large=short.result,
+            transferred=transferred,
+            timings_ms=timings,
         )
 
-    futures: list[Future[Any]] = []
-    try:
-        # Sequential runs the large agent first: the confidence policy can then
-        # skip the small one entirely, as it would cancel it when concurrent.
-        large_future = workers.spawn(run_large, name="vlmduo-large")
-        futures.append(large_future)
-        if options.sequential:
+    def _stage1(self) -> tuple[ShortAnswer, AgentResult]:
+        """Both agents' first answers. The first failure (or Ctrl-C) cancels the other
+        agent and is raised once both have stopped; a confident large answer cancels
+        the small agent (sequential: never starts it)."""
+        futures: list[Future[Any]] = []
+        try:
+            # Sequential runs the large agent first: the confidence policy can then
+            # skip the small one entirely, as it would cancel it when concurrent.
+            large_future = workers.spawn(self._run_large, name="vlmduo-large")
+            futures.append(large_future)
+            if self.options.sequential:
+                workers.first_error(futures)
+                if _confident(self.options, large_future.result()):
+                    self.confident.set()
+            small_future = workers.spawn(self._run_small, name="vlmduo-small")
+            futures.append(small_future)
+            workers.first_error(futures, until=large_future)
+            short = large_future.result()
+            if _confident(self.options, short):
+                self.confident.set()
             workers.first_error(futures)
-            if _confident(options, large_future.result()):
-                confident.set()
-        small_future = workers.spawn(run_small, name="vlmduo-small")
-        futures.append(small_future)
-        workers.first_error(futures, until=large_future)
-        short = large_future.result()
-        if _confident(options, short):
-            confident.set()
-        workers.first_error(futures)
-        return short, small_future.result()
-    except BaseException as exc:
-        cancel.set()
-        # Both agents stop at their next token, batch or graph node; after
-        # Ctrl-C wait only briefly: an image encode cannot be interrupted.
-        workers.settle(futures, timeout=0.5 if isinstance(exc, KeyboardInterrupt) else None)
-        raise
+            return short, small_future.result()
+        except BaseException as exc:
+            self.cancel.set()
+            # Both agents stop at their next token, batch or graph node; after
+            # Ctrl-C wait only briefly: an image encode cannot be interrupted.
+            workers.settle(futures, timeout=0.5 if isinstance(exc, KeyboardInterrupt) else None)
+            raise
+
+    def _run_small(self) -> AgentResult:
+        load = self.load_ms.get(self.small.name, 0.0)
+        try:
+            if self.confident.is_set():
+                raise Cancelled(f"{self.small.name}: not needed")
+            return self.small.reason(
+                self.question,
+                self.sampling,
+                self.options.think_budget,
+                load_ms=load,
+                cancel=workers.AnyOf(self.cancel, self.confident),
+                progress=self.progress,
+                reasoning_logprobs=self.options.selector == "surprisal",
+            )
+        except Cancelled:
+            if self.cancel.is_set() or not self.confident.is_set():
+                raise
+            return _skipped(self.small.name, load)
+
+    def _run_large(self) -> ShortAnswer:
+        return self.large.answer_short(
+            self.question,
+            self.sampling,
+            reserve=self.options.transfer_budget + 8,
+            load_ms=self.load_ms.get(self.large.name, 0.0),
+            cancel=self.cancel,
+            progress=self.progress,
+        )
+
+    def _decide(
+        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float]
+    ) -> tuple[str, str | None, dict[str, Any] | None]:
+        """The route, the final answer and what was transferred (None unless transferred)."""
+        large_answer = short.result.answer
+        if _confident(self.options, short):
+            return "confident", large_answer, None
+        agree = answers.answers_agree(
+            small_result.answer, large_answer, self.question.fmt, self.question.options or None
+        )
+        if self.options.policy != "always" and agree:
+            return "agree", large_answer, None
+        return "transfer", *self._transfer(short, small_result, timings)
+
+    def _transfer(
+        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float]
+    ) -> tuple[str | None, dict[str, Any]]:
+        t0 = time.perf_counter()
+        chosen = selection.select_key_reasoning(
+            small_result.reasoning_pieces,
+            small_result.reasoning_logprobs or None,
+            self.question.text,
+            self.options.selector,
+            self.options.transfer_budget,
+            count_tokens=self.large.count_tokens,
+        )
+        timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
+        work = workers.spawn(
+            self.large.transfer, short, self.question, chosen.text, self.sampling, progress=self.progress
+        )
+        done = _wait(work, self.cancel)
+        timings["transfer_prefill"] = round(done.prefill_ms, 3)
+        timings["answer_decode"] = round(done.decode_ms, 3)
+        # tokens: the transferred text in the large model's tokens (<= budget);
+        # prefill_tokens adds the closing cue, i.e. all the large model prefilled.
+        return done.answer, {
+            "selector": chosen.selector,
+            "tokens": chosen.tokens,
+            "text": chosen.text,
+            "prefill_tokens": done.prefill_tokens,
+            # the large model's answer after the transfer (its stage-1 answer is in "large")
+            "answer_tokens": done.answer_tokens,
+            "answer_probability": done.probability,
+            **done.details,
+        }
 
 
 def _skipped(name: str, load: float) -> AgentResult:
@@ -324,80 +374,3 @@ def _critical_path(small: AgentResult, large: AgentResult, route: str) -> float:
 def _confident(options: AskOptions, short: ShortAnswer) -> bool:
     prob = short.result.answer_probability
     return options.policy == "confidence" and prob is not None and prob >= options.confidence_threshold
-
-
-def _decide(
-    question: Question,
-    options: AskOptions,
-    small: AgentLike,
-    large: AgentLike,
-    sampling: Sampling,
-    short: ShortAnswer,
-    small_result: AgentResult,
-    stage1_ms: float,
-    start: float,
-    load_ms: dict[str, float],
-    progress: Progress | None,
-    cancel: threading.Event,
-) -> AskResult:
-    large_result = short.result
-    opts = question.options or None
-    timings: dict[str, float] = {"stage1": round(stage1_ms, 3)}
-    transferred = None
-    if _confident(options, short):
-        route, answer = "confident", large_result.answer
-    elif options.policy != "always" and answers.answers_agree(
-        small_result.answer, large_result.answer, question.fmt, opts
-    ):
-        route, answer = "agree", large_result.answer
-    else:
-        route = "transfer"
-        t0 = time.perf_counter()
-        chosen = selection.select_key_reasoning(
-            small_result.reasoning_pieces,
-            small_result.reasoning_logprobs or None,
-            question.text,
-            options.selector,
-            options.transfer_budget,
-            count_tokens=large.count_tokens,
-        )
-        timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
-        work = workers.spawn(large.transfer, short, question, chosen.text, sampling, progress=progress)
-        done = _wait(work, cancel)
-        answer = done.answer
-        timings["transfer_prefill"] = round(done.prefill_ms, 3)
-        timings["answer_decode"] = round(done.decode_ms, 3)
-        # tokens: the transferred text in the large model's tokens (<= budget);
-        # prefill_tokens adds the closing cue, i.e. all the large model prefilled.
-        transferred = {
-            "selector": chosen.selector,
-            "tokens": chosen.tokens,
-            "text": chosen.text,
-            "prefill_tokens": done.prefill_tokens,
-            # the large model's answer after the transfer (its stage-1 answer is in "large")
-            "answer_tokens": done.answer_tokens,
-            "answer_probability": done.probability,
-            **done.details,
-        }
-    wall = (time.perf_counter() - start) * 1000.0
-    load = sum(load_ms.get(a.name, 0.0) for a in (small, large))
-    timings["total"] = round(wall + load, 3)
-    # A remote transfer's wall time (network included) stands for its prefill and decode.
-    transfer_ms = (transferred or {}).get("request_ms")
-    if transfer_ms is None:
-        transfer_ms = timings.get("transfer_prefill", 0.0) + timings.get("answer_decode", 0.0)
-    timings["critical_path"] = round(
-        _critical_path(small_result, large_result, route) + timings.get("select", 0.0) + transfer_ms,
-        3,
-    )
-    return AskResult(
-        answer=answer,
-        mode="duo",
-        policy=options.policy,
-        route=route,
-        format=question.fmt,
-        small=small_result,
-        large=large_result,
-        transferred=transferred,
-        timings_ms=timings,
-    )

@@ -14,13 +14,19 @@ app = typer.Typer(
     help=(
         "Ask a question about an image with two local VLMs: a small one reasons, "
         "a large one answers.\n\n"
-        "Example: vlmduo ask photo.jpg 'How many cats are there?'"
+        'First run: vlmduo doctor, then: vlmduo ask example "How many red circles are there?"'
+        " (a picture shipped with vlmduo)."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _debug(value: bool) -> None:
+    if value:
+        os.environ["VLMDUO_DEBUG"] = "1"
 
 
 def _version(value: bool) -> None:
@@ -33,6 +39,13 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        callback=_debug,
+        is_eager=True,
+        help="Show the Python traceback of an error (also VLMDUO_DEBUG=1); accepted anywhere on the line.",
     ),
 ) -> None:
     """vlmduo: a small VLM reasons, a large VLM answers."""
@@ -57,13 +70,31 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vlmduo`` console script."""
+    """Entry point of the ``vlmduo`` console script; owns the exit code.
+
+    A command-line mistake that click catches (an unknown option, a missing argument,
+    a value of the wrong type) is reported like every other error: one ``Error:`` line
+    and a ``Hint:`` line on stderr, exit 2.
+    """
+    from vlmduo.cli.errors import is_usage_error, report, report_usage
+
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
         # Accepted anywhere on the line, like VLMDUO_DEBUG=1: tracebacks on.
         os.environ["VLMDUO_DEBUG"] = "1"
         args = [a for a in args if a != "--debug"]
-    app(args=args, prog_name="vlmduo")
+    try:
+        code = app(args=args, prog_name="vlmduo", standalone_mode=False)
+    except typer.Abort:
+        code = report(KeyboardInterrupt())
+    except Exception as exc:  # noqa: BLE001 - the command line's own mistakes, by shape
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `vlmduo` alone: help already printed
+            code = exc.exit_code  # type: ignore[attr-defined]
+        elif is_usage_error(exc):
+            code = report_usage(exc)
+        else:
+            code = report(exc)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

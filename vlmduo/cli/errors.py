@@ -24,7 +24,12 @@ def debug_enabled() -> bool:
 
 
 def report(exc: BaseException, console: Console | None = None) -> int:
-    """Print one line for ``exc`` on stderr and return the exit code it maps to."""
+    """Print ``exc`` on stderr and return the exit code it maps to.
+
+    The form is fixed: one ``Error: <cause>`` line, then, when there is a next step,
+    one ``Hint: <what to do>`` line. Neither is ever broken over two lines (a terminal
+    wraps them on screen only), so ``2>&1 | grep ^Error:`` finds the cause whole.
+    """
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
@@ -32,13 +37,38 @@ def report(exc: BaseException, console: Console | None = None) -> int:
         console.print("[red]Interrupted.[/]")
         return EXIT_INTERRUPTED
     if isinstance(exc, VlmduoError):
-        console.print(f"[bold red]Error:[/] {escape(exc.message)}")
+        console.print(f"[bold red]Error:[/] {escape(_one_line(exc.message))}")
         if exc.hint:
-            console.print(f"[dim]Hint: {escape(exc.hint)}[/]")
+            console.print(f"[dim]Hint: {escape(_one_line(exc.hint))}[/]")
         return exc.exit_code
-    console.print(f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(str(exc))}")
-    console.print("[dim]Hint: run again with VLMDUO_DEBUG=1 for the traceback, and report it.[/]")
+    console.print(f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(_one_line(str(exc)))}")
+    console.print(
+        "[dim]Hint: run it again with --debug (or VLMDUO_DEBUG=1) for the traceback, and report it.[/]"
+    )
     return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def is_usage_error(exc: BaseException) -> bool:
+    """True for click's own errors (unknown option, missing argument, bad value).
+
+    Told by shape, not class: typer 0.29 vendors click, so its exceptions are not
+    ``click.ClickException``, and its vendored module is private.
+    """
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def report_usage(exc: BaseException) -> int:
+    """A mistake click found on the command line, as one Error line and one Hint line."""
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]Error:[/] {escape(_one_line(exc.format_message()))}")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        console.print(f"[dim]Hint: see {escape(ctx.command_path)} --help[/]")
+    return exc.exit_code  # type: ignore[attr-defined]
 
 
 F = TypeVar("F", bound=Callable[..., Any])

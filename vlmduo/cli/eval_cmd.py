@@ -13,7 +13,15 @@ from rich.table import Table
 
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
-from vlmduo.cli.render import bar_chart, fmt_ms, progress_bar, stderr_console
+from vlmduo.cli.render import (
+    Column,
+    bar_chart,
+    fitted_tables,
+    fmt_ms,
+    print_tables,
+    progress_bar,
+    stderr_console,
+)
 from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions
 
@@ -51,27 +59,40 @@ def _results_path(results: Path | None, dataset: Path, resume: bool) -> Path:
     return path
 
 
-def summary_table(outcome: EvalOutcome) -> Table:
-    """One row per configuration: accuracy, tokens, latency, routes."""
-    table = Table(title=f"{outcome.dataset}: {outcome.n_items} items", title_justify="left")
-    heads = ("config", "accuracy", "n", "errors", "small tok mean/med", "large tok mean/med", "p50", "p90")
-    for name in (*heads, "routes", "transferred"):
-        table.add_column(name, justify="left" if name in ("config", "routes") else "right")
-    for s in outcome.summaries:
-        routes = " ".join(f"{k}:{v}" for k, v in s.routes.items())
-        table.add_row(
+SUMMARY_COLUMNS = (
+    Column("config"),
+    Column("accuracy", justify="right"),
+    Column("n", justify="right"),
+    Column("errors", justify="right"),
+    Column("p50", justify="right"),
+    Column("p90", justify="right"),
+    Column("small tok\nmean/med", justify="right"),
+    Column("large tok\nmean/med", justify="right"),
+    Column("routes", wrap=True, min_width=12),
+    Column("transferred\ntokens", justify="right"),
+)
+
+
+def summary_tables(outcome: EvalOutcome, width: int) -> list[Table]:
+    """One row per configuration: accuracy, latency, tokens, routes; split in two
+    tables (configurations repeated) where one does not fit ``width``."""
+    rows = [
+        [
             s.config,
             f"{s.accuracy:.1%}",
             str(s.n),
             str(s.n_errors),
-            _tokens(s.small_tokens),
-            _tokens(s.large_tokens),
             fmt_ms(s.latency_p50_ms),
             fmt_ms(s.latency_p90_ms),
-            routes,
+            _tokens(s.small_tokens),
+            _tokens(s.large_tokens),
+            " ".join(f"{k}:{v}" for k, v in s.routes.items()),
             "" if s.mean_transferred_tokens is None else f"{s.mean_transferred_tokens:.1f}",
-        )
-    return table
+        ]
+        for s in outcome.summaries
+    ]
+    title = f"{outcome.dataset}: {outcome.n_items} items"
+    return fitted_tables(title, SUMMARY_COLUMNS, rows, width=width)
 
 
 def _tokens(stats: TokenStats | None) -> str:
@@ -80,35 +101,41 @@ def _tokens(stats: TokenStats | None) -> str:
     return f"{stats.mean:.1f}/{stats.median:.0f}"
 
 
-def category_table(outcome: EvalOutcome) -> Table | None:
-    """Accuracy per category (columns) and configuration (rows), when items have categories."""
+def category_tables(outcome: EvalOutcome, width: int) -> list[Table]:
+    """Accuracy per category (rows) and configuration (columns), when items have categories."""
     categories = sorted({c for s in outcome.summaries for c in s.categories})
     if not categories:
-        return None
-    table = Table(title="Accuracy per category", title_justify="left")
-    table.add_column("config")
-    for name in categories:
-        table.add_column(escape(name), justify="right")
-    for s in outcome.summaries:
-        cells = [
-            f"{s.categories[c].accuracy:.0%} ({s.categories[c].n})" if c in s.categories else "–"
-            for c in categories
+        return []
+    columns = [Column("category"), *(Column(s.config, justify="right") for s in outcome.summaries)]
+    rows = [
+        [
+            category,
+            *(
+                f"{s.categories[category].accuracy:.0%} ({s.categories[category].n})"
+                if category in s.categories
+                else "–"
+                for s in outcome.summaries
+            ),
         ]
-        table.add_row(s.config, *cells)
-    return table
+        for category in categories
+    ]
+    return fitted_tables("Accuracy per category", columns, rows, width=width)
 
 
 def render(console: Console, outcome: EvalOutcome) -> None:
     """Tables, a bar chart of accuracy and latency, and the bad items, on stderr."""
-    console.print(summary_table(outcome))
-    per_category = category_table(outcome)
-    if per_category is not None:
-        console.print(per_category)
+    print_tables(console, summary_tables(outcome, console.width))
+    per_category = category_tables(outcome, console.width)
+    if per_category:
+        console.print()
+        print_tables(console, per_category)
     summaries = outcome.summaries
+    console.print()
     console.print(
         bar_chart("Accuracy", [(s.config, s.accuracy, f"{s.accuracy:.1%}") for s in summaries], full=1.0)
     )
     latency = [(s.config, s.latency_p50_ms or 0.0, fmt_ms(s.latency_p50_ms)) for s in summaries]
+    console.print()
     console.print(bar_chart("Latency p50", latency))
     bad = outcome.bad_items
     if bad:
@@ -153,6 +180,7 @@ def eval_command(
     image_min_tokens: opt.ImageMinTokens = None,
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
+    debug: opt.Debug = False,
 ) -> None:
     from vlmduo.datasets import load_dataset
     from vlmduo.eval_run import expand_configs, required_roles, run_eval
@@ -166,11 +194,7 @@ def eval_command(
         seed=seed,
     )
     options.validate()
-    data = load_dataset(dataset, limit=limit, shuffle=shuffle, seed=seed)
-    log = ResultsLog(_results_path(results, dataset, resume))
-    console = stderr_console()
-    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
-    settings = opt.engine_settings(
+    settings = opt.engine_settings(  # checks --ctx, --threads and the image limits first
         options,
         ctx=ctx,
         threads=threads,
@@ -179,6 +203,10 @@ def eval_command(
         image_max_tokens=image_max_tokens,
         image_min_tokens=image_min_tokens,
     )
+    data = load_dataset(dataset, limit=limit, shuffle=shuffle, seed=seed)
+    log = ResultsLog(_results_path(results, dataset, resume))
+    console = stderr_console()
+    refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
     agents = opt.load_agents(
         required_roles(configs), refs, settings, offline=opt.is_offline(offline), console=console
     )

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
-from vlmduo.cli.render import stderr_console
+from vlmduo.cli.render import Column, fitted_tables, print_tables, stderr_console
 
 MODELS_HELP = """List the models and pairs of the registry and what is downloaded.
 
@@ -51,9 +53,8 @@ deleted. Synthetic models are removed from their build cache.
 
 
 def _stdout() -> Console:
-    # Pipes get a wide table rather than rich's default 80 columns, so names never wrap.
-    console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    # The terminal's width, or 80 columns in a pipe (COLUMNS overrides both): the tables fit it.
+    return Console(highlight=False, soft_wrap=False)
 
 
 def _bytes(size: int) -> str:
@@ -68,6 +69,7 @@ def models(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")
     ] = False,
+    debug: opt.Debug = False,
 ) -> None:
     """List the registry with download state."""
     from vlmduo import hub
@@ -96,9 +98,10 @@ def models(
         print(json.dumps(document, ensure_ascii=False))
         return
     console = _stdout()
-    console.print(_models_table(rows))
+    print_tables(console, _models_tables(rows, console.width))
+    console.print(Text(VERIFIED_NOTE, style="dim"))
     console.print()
-    console.print(_pairs_table(pairs))
+    print_tables(console, _pairs_tables(pairs, console.width))
 
 
 def _model_row(entry: Any, status: Any) -> dict[str, Any]:
@@ -124,35 +127,74 @@ def _model_row(entry: Any, status: Any) -> dict[str, Any]:
     }
 
 
-def _models_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Models", title_justify="left", box=None, pad_edge=False)
-    for column in ("name", "source", "role", "thinking", "size", "memory", "downloaded", "verified"):
-        table.add_column(column, justify="right" if column in ("size", "memory") else "left")
+MODEL_COLUMNS = (
+    Column("name"),
+    Column("role"),
+    Column("thinking"),
+    Column("size", justify="right"),
+    Column("memory", justify="right"),
+    Column("downloaded"),
+    Column("verified"),
+    Column("files (Hub repo, model, projector)"),
+)
+VERIFIED_NOTE = (
+    "verified: yes when the repo and both file names were seen exactly in published copies "
+    "of the Hub's listings (not checked against the Hub itself); a 'no' may fail to download. "
+    "Sizes with ~ are approximate until downloaded."
+)
+
+
+def _files(row: dict[str, Any]) -> str:
+    if row["source"] == "hub":
+        return "\n".join(str(part) for part in (row["repo"], row["file"], row["mmproj"]) if part)
+    if row["source"] == "local":
+        return "\n".join(part for part in (row["path"], row["mmproj_path"]) if part)
+    return "built locally (random weights)"
+
+
+def _models_tables(rows: list[dict[str, Any]], width: int) -> list[Table]:
+    """One row per model; split in two tables (names repeated) where the files do not fit."""
+    cells = []
     for row in rows:
         on_disk = row["size_on_disk"]
         size = _bytes(on_disk) if row["downloaded"] else _approx_gb(row["size_gb"])
         state = "yes" if row["downloaded"] else ("partly" if on_disk else "no")
-        table.add_row(
-            row["name"],
-            row["source"],
-            row["role"],
-            "yes" if row["thinking"] else "no",
-            size,
-            _approx_gb(row["memory_gb"]),
-            f"[green]{state}[/]" if state == "yes" else state,
-            ("yes" if row["verified"] else "no") if row["source"] == "hub" else "-",
+        cells.append(
+            [
+                row["name"],
+                row["role"],
+                "yes" if row["thinking"] else "no",
+                size,
+                _approx_gb(row["memory_gb"]),
+                Text(state, style="green" if state == "yes" else ""),
+                ("yes" if row["verified"] else "no") if row["source"] == "hub" else "-",
+                _files(row),
+            ]
         )
-    return table
+    return fitted_tables("Models", MODEL_COLUMNS, cells, width=width)
 
 
-def _pairs_table(pairs: list[dict[str, Any]]) -> Table:
-    table = Table(title="Pairs", title_justify="left", box=None, pad_edge=False)
-    for column in ("pair", "small", "large", "downloaded", "notes"):
-        table.add_column(column)
-    for pair in pairs:
-        state = "[green]yes[/]" if pair["downloaded"] else "no"
-        table.add_row(pair["name"], pair["small"], pair["large"], state, pair["notes"] or "")
-    return table
+PAIR_COLUMNS = (
+    Column("pair"),
+    Column("small"),
+    Column("large"),
+    Column("downloaded"),
+    Column("notes", wrap=True, min_width=30),
+)
+
+
+def _pairs_tables(pairs: list[dict[str, Any]], width: int) -> list[Table]:
+    cells = [
+        [
+            pair["name"],
+            pair["small"],
+            pair["large"],
+            Text("yes", style="green") if pair["downloaded"] else "no",
+            pair["notes"] or "",
+        ]
+        for pair in pairs
+    ]
+    return fitted_tables("Pairs", PAIR_COLUMNS, cells, width=width)
 
 
 def pull(
@@ -166,6 +208,7 @@ def pull(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars; only errors on stderr.")
     ] = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Download models into the Hugging Face cache."""
     from vlmduo import hub
@@ -179,6 +222,7 @@ def pull(
 
 def rm(
     name: Annotated[str, typer.Argument(help="Registry name whose files to delete.", metavar="NAME")],
+    debug: opt.Debug = False,
 ) -> None:
     """Delete a model's files from the cache."""
     from vlmduo import hub

@@ -6,13 +6,16 @@ Each option is an ``Annotated`` alias naming its flag, so a command declares
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from vlmduo.cli import checks
 from vlmduo.engine import EngineSettings
+from vlmduo.errors import DownloadError, OfflineError
 from vlmduo.pipeline import AskOptions
 
 if TYPE_CHECKING:
@@ -43,9 +46,16 @@ TransferBudget = Annotated[
 ]
 
 # The engine.
-Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="CPU threads, 1 or more (default: all cores).")
+]
 NGpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers to offload to the GPU (-1: all).")]
-Ctx = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
+Ctx = Annotated[
+    int,
+    typer.Option(
+        "--ctx", help="Context size in tokens: 256 or more (llama.cpp rounds it up to a multiple of 256)."
+    ),
+]
 ImageMaxTokens = Annotated[
     int | None,
     typer.Option(
@@ -58,13 +68,29 @@ ImageMinTokens = Annotated[
     int | None,
     typer.Option("--image-min-tokens", help="Fewest tokens one image becomes (default: the model's)."),
 ]
-Verbose = Annotated[bool, typer.Option("--verbose/--no-verbose", help="Show llama.cpp's own log lines.")]
+# Flags have no --no-... form: help stays readable at 80 columns.
+Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log lines.")]
 
 # Network and output.
-Offline = Annotated[
-    bool, typer.Option("--offline/--no-offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
-]
+Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+def _debug(value: bool) -> None:
+    if value:
+        os.environ["VLMDUO_DEBUG"] = "1"
+
+
+# Documented on each command; ``vlmduo.cli.app.main`` also takes it anywhere on the line.
+Debug = Annotated[
+    bool,
+    typer.Option(
+        "--debug",
+        help="Show the Python traceback of an error (also VLMDUO_DEBUG=1).",
+        callback=_debug,
+        is_eager=True,
+    ),
+]
 
 
 def engine_settings(
@@ -77,7 +103,11 @@ def engine_settings(
     image_max_tokens: int | None,
     image_min_tokens: int | None,
 ) -> EngineSettings:
-    """Engine settings of a command that asks questions; the image cap derived from --ctx."""
+    """Engine settings of a command that asks questions; the image cap derived from --ctx.
+
+    Raises UsageError for values llama.cpp cannot honour (checked before any work)."""
+    checks.engine(ctx=ctx, threads=threads)
+    checks.image_tokens(image_max_tokens=image_max_tokens, image_min_tokens=image_min_tokens)
     if image_max_tokens is None:
         image_max_tokens = options.image_token_budget(ctx)
     return EngineSettings(
@@ -124,6 +154,49 @@ def name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def resolve_roles(
+    roles: Sequence[str],
+    refs: dict[str, tuple[str, str | None]],
+    *,
+    offline: bool,
+    progress: bool = True,
+) -> dict:
+    """Files for each role (downloading what is missing), every missing model named at once.
+
+    Offline with registry models missing fails before anything else, naming them all;
+    a failed download names them all too, with the ways to go on.
+    """
+    from vlmduo import api, diagnostics
+
+    names = [refs[role][0] for role in roles]
+    missing = diagnostics.missing_models(names)
+    # `vlmduo pull --pair P` when both models of a registry pair are wanted, else the names.
+    pair = diagnostics.pair_of(refs["small"][0], refs["large"][0]) if len(roles) == 2 else None
+    if missing and offline:
+        listed = " and ".join(f"'{m.name}'" for m in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        raise OfflineError(
+            f"{listed} {verb} not downloaded and offline mode is on",
+            hint=diagnostics.ways_to_go_on(missing, pair, offline=True, roles=tuple(roles)),
+        )
+    try:
+        if missing and not offline:
+            # All at once: every file's size and existence is asked of the Hub before the
+            # first byte comes, so a missing file or a full disk fails before any download.
+            from vlmduo import hub
+
+            hub.pull([m.name for m in missing], progress=progress)
+        return {role: api.resolve(*refs[role], offline=offline, progress=progress) for role in roles}
+    except DownloadError as exc:
+        # The hub's hint says how to retry; add what is still missing and the other ways.
+        still = diagnostics.missing_models(names)
+        if still:
+            listed = " and ".join(m.name for m in still)
+            ways = diagnostics.ways_to_go_on(still, pair, offline=False, download=False, roles=tuple(roles))
+            exc.hint = "; ".join(part for part in (exc.hint, f"still missing: {listed}", ways) if part)
+        raise
+
+
 def load_agents(
     roles: Sequence[str],
     refs: dict[str, tuple[str, str | None]],
@@ -135,7 +208,8 @@ def load_agents(
     """Resolve and load the agents of ``roles`` (small, large), once each, at once."""
     from vlmduo import api
 
-    resolved = {role: api.resolve(*refs[role], offline=offline) for role in roles}
+    checks.engine(ctx=settings.n_ctx, threads=settings.n_threads)
+    resolved = resolve_roles(roles, refs, offline=offline)
     with console.status("Loading models…"):
         agents, _ = api.load_agents(resolved, settings)
     return agents
