@@ -210,7 +210,7 @@ def timing_table(result: AskResult) -> Table:
     agents = [(role, a) for role, a in (("small", result.small), ("large", result.large)) if a]
     remote = [_is_remote(a) for _, a in agents]
     title = f"mode {result.mode}" + (f" · route {result.route}" if result.route else "")
-    caption = "remote: prefill/decode as its server reports them; request: wall time" if any(remote) else None
+    caption = "remote: prefill/decode from the server; request: wall" if any(remote) else None
     table = Table(
         title=title, title_justify="left", box=None, pad_edge=False, show_edge=False, caption=caption
     )
