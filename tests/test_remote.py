@@ -527,3 +527,12 @@ def test_a_local_agent_beside_a_remote_one_keeps_all_its_cores() -> None:
     local = ScriptedAgent("local").enqueue(answer="A")
     ask(_question(), AskOptions(), small=Spy("small").enqueue(answer="A"), large=local)
     assert seen == [True, False]  # alone with a remote partner; sharing with a local one
+
+
+def test_a_server_without_a_model_list_is_trusted_with_the_model_named() -> None:
+    with RecordingServer() as stub:
+        stub.enqueue("/v1/models", Canned({"error": {"message": "no route"}}, status=404))
+        agent = _agent(stub)
+        short = agent.answer_short(_question(), Sampling())
+    assert short.result.answer == "A" and agent.server == "openai" and agent.model == "stub-model"
+    assert "response_format" in stub.bodies()[0]  # the generic OpenAI constraint

@@ -158,11 +158,18 @@ class RemoteAgent:
         with self._lock:
             if self._ready:
                 return
-            response = self.client.get("/models", cancel=cancel)
-            models = response.json()
+            try:
+                response = self.client.get("/models", cancel=cancel)
+            except RemoteError as exc:
+                if exc.status != 404:
+                    raise
+                # No model list here (a bare proxy): trust the model named and the server's kind.
+                models, headers = {}, {}
+            else:
+                models, headers = response.json(), dict(response.headers)
             self.served = servers.model_ids(models)
             if self.server is None:
-                self.server = servers.detect(models, dict(response.headers), self.client.url)
+                self.server = servers.detect(models, headers, self.client.url)
             self.model = self._pick_model()
             self._ready = True
 
@@ -210,6 +217,7 @@ class RemoteAgent:
             report["vision"] = True
         except RemoteError as exc:
             report["error"] = exc.message
+            report["reachable"] = report["reachable"] or exc.status is not None  # it answered
         report["ok"] = bool(report["reachable"] and report["model_listed"] and report["vision"])
         return report
 

@@ -369,17 +369,21 @@ def status_error(response: httpx.Response, url: str, attempts: int = 1) -> Remot
         return RemoteError(
             f"{url} refused the request (HTTP {status}){detail}",
             hint="check the API key (the entry's api_key_env, or VLMDUO_API_KEY for a URL)",
+            status=status,
         )
     if status == 404:
         return RemoteError(
             f"{url}: not found (HTTP 404){detail}",
             hint="check the model id (listed at /v1/models) and that the URL ends with /v1",
+            status=status,
         )
     if status in RETRY_STATUS:
-        return RemoteError(f"{url} is busy (HTTP {status} after {attempts} attempts){detail}")
+        return RemoteError(f"{url} is busy (HTTP {status} after {attempts} attempts){detail}", status=status)
     if status >= 500:
-        return RemoteError(f"{url} failed (HTTP {status}){detail}", hint="see the server's log")
-    return RemoteError(f"{url} rejected the request (HTTP {status}){detail}")
+        return RemoteError(
+            f"{url} failed (HTTP {status}){detail}", hint="see the server's log", status=status
+        )
+    return RemoteError(f"{url} rejected the request (HTTP {status}){detail}", status=status)
 
 
 class _Stream:
