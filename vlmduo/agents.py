@@ -24,7 +24,9 @@ from vlmduo.engine import Context, Generation, Session, VisionLanguageModel
 if TYPE_CHECKING:
     from vlmduo.images import LoadedImage
 
-# Called as progress(agent_name, phase, tokens_so_far) while tokens stream.
+# Called as progress(agent_name, phase, tokens_so_far) while tokens stream. A progress
+# object that also has ``on_text(agent_name, phase, text)`` gets each token's text too
+# (the server streams answers and reasoning with it).
 Progress = Callable[[str, str, int], None]
 
 STEP_BY_STEP = "Think step by step, then give the final answer."
@@ -203,9 +205,12 @@ def _user_text(question: Question, extra: str) -> str:
 def _stream(
     session: Session, agent: Agent, phase: str, max_tokens: int, progress: Progress | None, **kwargs: Any
 ) -> Generation:
-    for event_count, _ in enumerate(session.stream(max_tokens, **kwargs), start=1):
+    on_text = getattr(progress, "on_text", None)
+    for event_count, event in enumerate(session.stream(max_tokens, **kwargs), start=1):
         if progress is not None:
             progress(agent.name, phase, event_count)
+        if on_text is not None:
+            on_text(agent.name, phase, event.text)
     return session.last
 
 

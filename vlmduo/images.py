@@ -20,14 +20,14 @@ import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
-
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmduo import __version__
 from vlmduo.errors import ImageError
+
+if TYPE_CHECKING:  # imported where used: reading bytes for a server needs neither
+    from PIL import Image
 
 STDIN = "-"
 USER_AGENT = f"vlmduo/{__version__} (python-urllib)"
@@ -88,6 +88,55 @@ def load_image(
     )
 
 
+def read_image_bytes(
+    source: str,
+    *,
+    stdin: BinaryIO | None = None,
+    timeout: float = 20.0,
+    max_bytes: int = 50 * 2**20,
+) -> bytes:
+    """The encoded bytes of ``source`` (a path, an http(s) URL or ``-``), not decoded,
+    with :func:`load_image`'s one-line errors for a source that cannot be read.
+
+    ``vlmduo ask`` sends these bytes to a running server, which decodes them with
+    :func:`decode_image_bytes` under the same name, so every message is the same as
+    in-process. Needs neither Pillow nor numpy.
+    """
+    name = _display_name(source)
+    if source == STDIN:
+        return _read_stdin(stdin, max_bytes)
+    if _URL_RE.match(source):
+        return _fetch_url(source, timeout=timeout, max_bytes=max_bytes)
+    path = _check_path(source, name)
+    try:
+        return path.read_bytes()
+    except PermissionError as exc:
+        raise ImageError(f"permission denied reading image: {name}") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(f"is a directory, not an image: {name}") from exc
+    except OSError as exc:
+        raise ImageError(f"cannot read image {name}: {_one_line(exc.strerror or exc)}") from exc
+
+
+def decode_image_bytes(
+    data: bytes, source: str, *, max_pixels: int = 64_000_000, read_ms: float = 0.0
+) -> LoadedImage:
+    """Decode encoded image bytes exactly as :func:`load_image` decodes a file.
+
+    ``source`` names the image in messages; ``read_ms``, the time it took to get the
+    bytes, is added to ``decode_ms`` so the image stage counts all of it.
+    """
+    start = time.perf_counter()
+    width, height, rgb = _decode(io.BytesIO(data), _display_name(source), max_pixels)
+    return LoadedImage(
+        rgb=rgb,
+        width=width,
+        height=height,
+        source=source,
+        decode_ms=read_ms + (time.perf_counter() - start) * 1000.0,
+    )
+
+
 def synthetic_image(width: int, height: int, seed: int = 0) -> LoadedImage:
     """A deterministic test image: red/green gradients with seeded noise in blue.
 
@@ -96,6 +145,8 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> LoadedImage:
     """
     if width <= 0 or height <= 0:
         raise ImageError(f"synthetic image size must be positive, got {width}x{height}")
+    import numpy as np
+
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     pixels = np.empty((height, width, 3), dtype=np.uint8)
@@ -244,6 +295,8 @@ def _fetch_reason(reason: object, timeout: float) -> str:
 
 def _decode(fp: Path | BinaryIO, name: str, max_pixels: int) -> tuple[int, int, bytes]:
     """Open, bound, decode, orient and convert; map every Pillow failure to one line."""
+    from PIL import Image, UnidentifiedImageError
+
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make it an error here.
     # catch_warnings restores the filters on exit, so other code is unaffected.
     with warnings.catch_warnings():
@@ -285,6 +338,8 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
 
 def _bomb_message(pillow_message: str, name: str, max_pixels: int) -> str:
     """Pillow tripped first, so only its pixel count is known, not width and height."""
+    from PIL import Image
+
     pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels
     limit = _megapixels(min(max_pixels, pillow_limit))
     match = re.search(r"\((\d+) pixels\)", pillow_message)
@@ -294,6 +349,8 @@ def _bomb_message(pillow_message: str, name: str, max_pixels: int) -> str:
 
 def _oriented(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation so the model sees the photo the way people do."""
+    from PIL import ImageOps
+
     try:
         # In place: the default returns a full copy even when there is nothing to do.
         ImageOps.exif_transpose(img, in_place=True)
@@ -305,6 +362,8 @@ def _oriented(img: Image.Image) -> Image.Image:
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, compositing transparency on white."""
+    from PIL import Image
+
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in _HIGH_DEPTH_MODES:
@@ -327,6 +386,9 @@ def _to_8bit_grey(img: Image.Image) -> Image.Image:
 
     ``convert("L")`` would clip 16-bit values at 255 and turn most of the image white.
     """
+    import numpy as np
+    from PIL import Image
+
     arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):

@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vlmduo.cli import batch as many
 from vlmduo.cli import checks
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
+from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vlmduo.engine import EngineSettings
+    from vlmduo.pipeline import AskResult
 
 # IMAGE `example` names this picture, shipped with vlmduo: three red circles, a blue
 # square and a green triangle, so a first question has an answer anyone can check.
@@ -35,6 +43,11 @@ have no effect in the chosen --mode are refused (exit 2), never silently dropped
   cat scan.png | vlmduo ask - "What does the sign say?" --mode large -q
 
   vlmduo ask example "Is there a square?" --pair synthetic   (no download)
+
+  vlmduo ask --each photos/ "Is there a dog?" > answers.jsonl   (models loaded once)
+
+A running `vlmduo serve` for the same models answers instead (no load); --no-server \
+answers in this process.
 """
 
 Modes = typer.Option("--mode", help="duo (default), small, large or large-think.")
@@ -62,8 +75,16 @@ def _image_source(image: str) -> str:
 
 def ask(
     context: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, http(s) URL, - to read stdin, or example.")],
-    question: Annotated[str, typer.Argument(help="The question about the image.")],
+    image: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="IMAGE", help="Image path, http(s) URL, - to read stdin, or example.", show_default=False
+        ),
+    ] = None,
+    question: Annotated[
+        str | None,
+        typer.Argument(metavar="QUESTION", help="The question about the image.", show_default=False),
+    ] = None,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
     small_mmproj: opt.SmallMmproj = None,
@@ -101,6 +122,9 @@ def ask(
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
     debug: opt.Debug = False,
+    no_server: many.NoServer = False,
+    each: many.Each = None,
+    batch: many.Batch = None,
 ) -> None:
     options = AskOptions(
         mode=mode,
@@ -117,9 +141,18 @@ def ask(
     )
     # Every check before any work: no image read, no model resolved or loaded.
     options.validate()
+    many_images = each is not None or batch is not None
+    if not many_images and (image is None or question is None):
+        raise UsageError(
+            f"missing {'IMAGE and QUESTION' if image is None else 'QUESTION'}",
+            hint='vlmduo ask IMAGE QUESTION, e.g. vlmduo ask photo.jpg "What is this?"',
+        )
     checks.applicable(mode, policy, _typed(context))
     checks.output(quiet=quiet, show_reasoning=show_reasoning_flag)
-    checks.question_format(question, format)
+    # With --each/--batch the one positional argument is the (default) question.
+    default_question = image if many_images else question
+    if default_question is not None:
+        checks.question_format(default_question, format)
     settings = opt.engine_settings(
         options,
         ctx=ctx,
@@ -130,13 +163,29 @@ def ask(
         image_min_tokens=image_min_tokens,
     )
     refs = opt.model_refs(pair, small, large, small_mmproj, large_mmproj)
+    if many_images:
+        if show_reasoning_flag:
+            raise UsageError(
+                "--show-reasoning does not go with --each or --batch: each JSON line has the reasoning"
+            )
+        raise typer.Exit(
+            _ask_many(image, question, each, batch, options, refs, settings, offline, no_server, quiet)
+        )
+    assert image is not None and question is not None
+    console = stderr_console(quiet=quiet or json_out)
+    source = _image_source(image)
+    stdin = sys.stdin.buffer if image == "-" else None
+    if not no_server:
+        served = many.through_server(source, question, options, refs, settings, console, stdin)
+        if served.result is not None:
+            _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
+            return
+        stdin = served.stdin  # the image's bytes, when they were read for the server already
 
     from vlmduo.api import answer, load_agents
-    from vlmduo.cli.clock import process_ms
     from vlmduo.images import load_image
 
-    console = stderr_console(quiet=quiet or json_out)
-    loaded_image = load_image(_image_source(image), stdin=sys.stdin.buffer if image == "-" else None)
+    loaded_image = load_image(source, stdin=stdin)
     resolved = opt.resolve_roles(
         _needed_roles(options.mode), refs, offline=opt.is_offline(offline), progress=not (quiet or json_out)
     )
@@ -155,6 +204,16 @@ def ask(
             load_ms=load_ms,
             progress=progress,
         )
+    _render(result, json_out, show_reasoning_flag, console)
+
+
+def _render(
+    result: AskResult, json_out: bool, show_reasoning_flag: bool, console: Console, caption: str | None = None
+) -> None:
+    """The answer (or the JSON object) on stdout; reasoning and the timing table on stderr;
+    ``caption`` says who answered, when a server did."""
+    from vlmduo.cli.clock import process_ms
+
     # Everything the user waited for, from the interpreter's start to the answer.
     result.timings_ms["process"] = round(process_ms()[0], 3)
     if json_out:
@@ -165,7 +224,36 @@ def ask(
         # Asked for, so shown even beside --json (stderr; stdout keeps the one object).
         show_reasoning(stderr_console(), result)
     if not json_out:
-        console.print(timing_table(result))
+        table = timing_table(result)
+        table.caption = caption
+        table.caption_justify = "left"
+        console.print(table)
+
+
+def _ask_many(
+    image: str | None,
+    question: str | None,
+    each: str | None,
+    batch: str | None,
+    options: AskOptions,
+    refs: dict[str, tuple[str, str | None]],
+    settings: EngineSettings,
+    offline: bool,
+    no_server: bool,
+    quiet: bool,
+) -> int:
+    """``--each`` / ``--batch``: one JSON line per item on stdout; the exit code."""
+    items, total = many.many_items(image, question, each, batch)
+    return many.run_many(
+        items,
+        total,
+        options=options,
+        refs=refs,
+        settings=settings,
+        offline=opt.is_offline(offline),
+        no_server=no_server,
+        console=stderr_console(quiet=quiet),
+    )
 
 
 def register(app: typer.Typer) -> None:
