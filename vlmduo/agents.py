@@ -176,6 +176,8 @@ class Transfer:
     prefill_tokens: int  # transferred text plus the cue that closes it
     answer_tokens: int
     probability: float | None
+    # Added to the JSON's "transferred" object: a remote agent's cached_tokens, request_ms...
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def open_thought(prompt: str, think_start: str, think_end: str) -> tuple[str, bool]:

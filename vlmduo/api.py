@@ -6,7 +6,9 @@
     result = answer("photo.jpg", "How many cats?", small=small, large=large)
 
 Models are resolved through the registry (names), or taken as ``.gguf`` paths,
-loaded once per process and kept: a second question pays no load.
+loaded once per process and kept: a second question pays no load. A model on a
+server (``http://host:8000/v1#MODEL``, or a registry entry with ``endpoint``) becomes
+a ``RemoteAgent``: nothing is loaded here.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmduo.agents import Agent, AgentLike, Progress
 from vlmduo.engine import Context, EngineSettings, VisionLanguageModel
-from vlmduo.errors import ModelError
+from vlmduo.errors import ModelError, UsageError
 from vlmduo.images import LoadedImage, load_image
 from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
 
@@ -26,6 +29,9 @@ _cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
 _contexts: dict[tuple[int, str], Context] = {}  # (id of model, role) -> the role's KV cache
 _key_locks: dict[tuple[str, str, EngineSettings], threading.Lock] = {}
 _cache_lock = threading.Lock()
+
+if TYPE_CHECKING:
+    from vlmduo.remote import RemoteAgent, RemoteModel
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,26 @@ class ResolvedModel:
 
 def resolve(
     ref: str, mmproj: str | Path | None = None, *, offline: bool = False, progress: bool = True
-) -> ResolvedModel:
-    """Turn a registry name or a ``.gguf`` path into files on disk.
+) -> ResolvedModel | RemoteModel:
+    """Turn a registry name or a ``.gguf`` path into files on disk, or a server's
+    ``URL#MODEL`` (or a registry entry with ``endpoint``) into a ``RemoteModel``.
 
     Registry entries are downloaded (or, for synthetic entries, built) first
     when missing, unless ``offline``.
     """
+    from vlmduo import remote
+
+    if remote.is_remote_ref(ref):
+        _no_projector(ref, mmproj)
+        return remote.parse_ref(ref)
     if _looks_like_path(ref):
         return _resolve_path(Path(ref).expanduser(), mmproj)
     from vlmduo import registry
 
     entry = registry.load_registry().model(ref)
+    if entry.source == "remote":
+        _no_projector(ref, mmproj)
+        return remote.from_entry(entry)
     if entry.source == "synthetic":
         from vlmduo import synthetic
 
@@ -68,6 +83,11 @@ def resolve(
     return ResolvedModel(
         entry.name, Path(model_path), mmproj_path, entry.thinking, entry.think_start, entry.think_end
     )
+
+
+def _no_projector(ref: str, mmproj: str | Path | None) -> None:
+    if mmproj is not None:
+        raise UsageError(f"'{ref}' is served remotely: its server has the projector; drop the --*-mmproj")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -126,9 +146,10 @@ def unload(model: VisionLanguageModel) -> bool:
 
 
 def load_agents(
-    resolved: dict[str, ResolvedModel], settings: EngineSettings
-) -> tuple[dict[str, Agent], dict[str, float]]:
-    """Load the agents of several roles at once (one thread per role).
+    resolved: dict[str, ResolvedModel | RemoteModel], settings: EngineSettings
+) -> tuple[dict[str, AgentLike], dict[str, float]]:
+    """Load the agents of several roles at once (one thread per role); a remote one
+    loads nothing.
 
     Returns the agents by role and load milliseconds by model name.
     """
@@ -146,23 +167,23 @@ def load_agents(
 
 
 def load_agent(
-    ref: str | ResolvedModel,
+    ref: str | ResolvedModel | RemoteModel,
     mmproj: str | Path | None = None,
     settings: EngineSettings | None = None,
     *,
     offline: bool = False,
     progress: bool = True,
     role: str = "small",
-) -> tuple[Agent, float]:
+) -> tuple[Agent | RemoteAgent, float]:
     """Resolve (unless already resolved) and load a model as an agent; returns it and
-    its load time (0 when cached).
+    its load time (0 when cached, and for a model on a server).
 
     Each ``role`` gets its own context (KV cache) over the model's weights, so
     the same model can be the small and the large agent at once.
     """
-    resolved = (
-        ref if isinstance(ref, ResolvedModel) else resolve(ref, mmproj, offline=offline, progress=progress)
-    )
+    resolved = ref if not isinstance(ref, str) else resolve(ref, mmproj, offline=offline, progress=progress)
+    if not isinstance(resolved, ResolvedModel):
+        return remote_agent(resolved), 0.0
     model, load_ms = load_model(resolved, settings or EngineSettings())
     with _cache_lock:
         context = _contexts.get((id(model), role))
@@ -175,6 +196,20 @@ def load_agent(
             _contexts[(id(model), role)] = context
     agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end, context=context)
     return agent, load_ms
+
+
+_remote_agents: dict[RemoteModel, RemoteAgent] = {}
+
+
+def remote_agent(ref: RemoteModel) -> RemoteAgent:
+    """The agent of a model on a server, one per process and reference (it checks the server once)."""
+    from vlmduo.remote import RemoteAgent
+
+    with _cache_lock:
+        agent = _remote_agents.get(ref)
+        if agent is None:
+            agent = _remote_agents[ref] = RemoteAgent(ref)
+        return agent
 
 
 def answer(

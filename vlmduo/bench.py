@@ -237,6 +237,9 @@ def run_bench(
     far, is analysed as far as the data allows and has ``interrupted`` set.
     """
     config.validate()
+    for agent in (small, large):
+        if getattr(agent, "is_remote", False):  # its stages run on a server: nothing to time here
+            raise UsageError(f"bench times models in this process; {agent.name} is served remotely")
     report = BenchReport(
         config, {"small": ModelBench("small", small.name), "large": ModelBench("large", large.name)}
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from vlmduo import __version__
 
-PACKAGES = ("llama-cpp-python", "gguf", "huggingface-hub", "typer", "rich", "pillow", "numpy")
+PACKAGES = ("llama-cpp-python", "gguf", "huggingface-hub", "typer", "rich", "pillow", "numpy", "httpx")
 GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
 
 
@@ -35,11 +35,12 @@ class Report:
     threading: str = ""
     self_test: dict[str, Any] = field(default_factory=dict)
     pair: PairReadiness | None = None
+    endpoints: list[dict[str, Any]] = field(default_factory=list)  # the pair's remote models
 
     @property
     def ok(self) -> bool:
-        """True when the self-test passed (or was skipped)."""
-        return self.self_test.get("ok", True)
+        """True when the self-test passed (or was skipped) and every server checked out."""
+        return self.self_test.get("ok", True) and all(e.get("ok") for e in self.endpoints)
 
     def to_json(self) -> dict[str, Any]:
         """The ``doctor --json`` object."""
@@ -54,6 +55,7 @@ class Report:
             "threading": self.threading,
             "self_test": self.self_test,
             "pair": self.pair.to_json() if self.pair else None,
+            "endpoints": self.endpoints,
         }
 
 
@@ -91,9 +93,13 @@ def threading_policy(system_info: str, environ: dict[str, str] | None = None) ->
     return f"OpenMP: {waits}; {split}"
 
 
-def collect(self_test: bool = True, pair: str | None = "default") -> Report:
+def collect(
+    self_test: bool = True, pair: str | None = "default", refs: dict[str, str] | None = None
+) -> Report:
     """Gather the report; with ``self_test`` also run the pipeline on synthetic models, and
-    with ``pair`` say whether that pair is downloaded and the Hub reachable."""
+    with ``pair`` say whether that pair is downloaded and the Hub reachable. The servers
+    of remote models among ``refs`` (role -> model reference; default: the pair's) are
+    checked: reachable, the model listed, an image accepted."""
     import llama_cpp
 
     from vlmduo import hub, synthetic
@@ -115,7 +121,37 @@ def collect(self_test: bool = True, pair: str | None = "default") -> Report:
         report.pair = pair_readiness(pair, offline=report.offline)
     if self_test:
         report.self_test = run_self_test()
+    if refs is None and report.pair is not None:
+        refs = {m.role: m.name for m in report.pair.models}
+    report.endpoints = check_endpoints(refs or {})
     return report
+
+
+def check_endpoints(refs: dict[str, str]) -> list[dict[str, Any]]:
+    """For each remote model among ``refs`` (``URL#MODEL`` or a registry entry with
+    ``endpoint``): reachable, the model listed, vision accepted. Local models are skipped."""
+    from vlmduo import registry, remote
+    from vlmduo.errors import VlmduoError
+
+    found = []
+    for role, ref in refs.items():
+        try:
+            if remote.is_remote_ref(ref):
+                model = remote.parse_ref(ref)
+            else:
+                entry = registry.load_registry().model(ref)
+                if entry.source != "remote":
+                    continue
+                model = remote.from_entry(entry)
+        except VlmduoError as exc:
+            found.append({"role": role, "name": ref, "ok": False, "error": exc.message})
+            continue
+        agent = remote.RemoteAgent(model)
+        try:
+            found.append({"role": role, **agent.check()})
+        finally:
+            agent.close()
+    return found
 
 
 def _paths(synthetic_cache: Path) -> dict[str, str]:

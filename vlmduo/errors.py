@@ -77,3 +77,11 @@ class DiskSpaceError(DownloadError):
 
 class DatasetError(VlmduoError):
     """An evaluation dataset cannot be read."""
+
+
+class RemoteError(VlmduoError):
+    """A model server (vLLM, SGLang, llama-server, Ollama) failed, refused or is unreachable."""
+
+    def __init__(self, message: str, *, hint: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status  # the HTTP status when the server answered with an error

@@ -4,18 +4,22 @@ Models are loaded once by the caller and passed in. Each answered item is append
 to a :class:`~vlmduo.evaluation.ResultsLog` at once, so an interrupted run loses at
 most the item in flight and ``resume`` continues after the last one written. An
 item whose image does not decode, or whose run fails in the engine, becomes an
-error record (counted as wrong) and the run goes on.
+error record (counted as wrong) and the run goes on. With remote agents (models on
+servers) ``concurrency`` items are sent at a time, so throughput grows with the server.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmduo.agents import Agent, Question
+from vlmduo import workers
+from vlmduo.agents import AgentLike, Question
 from vlmduo.datasets import BadItem, Dataset, EvalItem, build_question
 from vlmduo.errors import ImageError, UsageError, VlmduoError
 from vlmduo.evaluation import (
@@ -131,42 +135,60 @@ def run_eval(
     configs: Sequence[EvalConfig],
     log: ResultsLog,
     *,
-    small: Agent | None,
-    large: Agent | None,
+    small: AgentLike | None,
+    large: AgentLike | None,
     options: AskOptions | None = None,
     resume: bool = False,
     progress: Callable[[EvalProgress], None] | None = None,
+    concurrency: int = 1,
 ) -> EvalOutcome:
     """Answer every item in every configuration, appending one record per pair to ``log``.
 
     ``options`` supplies budgets, seed and temperature; mode, policy, selector and
     format come from each configuration and item. With ``resume`` the pairs already
     in the log (failed ones excepted) are skipped. KeyboardInterrupt ends the run
-    early and is reported as ``interrupted``.
+    early and is reported as ``interrupted``. ``concurrency`` above 1 (remote agents
+    only: a local model answers one question at a time) keeps that many in flight.
     """
     agents = {"small": small, "large": large}
     missing = [role for role in required_roles(configs) if agents[role] is None]
     if missing:
         raise UsageError(f"these modes need the {missing[0]} model")
+    _check_concurrency(concurrency, [agents[role] for role in required_roles(configs)])
     base = options or AskOptions()
     done = log.done_keys(include_errors=False) if resume else set()
     state = EvalProgress(0, len(configs) * len(dataset.items), "", "")
-    n_run = n_skipped = 0
+    skipped = [0]
+    n_run = 0
     interrupted = False
+    in_flight: set[threading.Event] = set()  # one cancel per ask: a failed item stops only itself
+
+    def record(job: _Job) -> EvalRecord:
+        cancel = threading.Event()
+        in_flight.add(cancel)
+        try:
+            return _evaluate(*job, base, small, large, cancel)
+        finally:
+            in_flight.discard(cancel)
+
+    def keep(job: _Job, result: EvalRecord) -> None:
+        nonlocal n_run
+        log.append(result)
+        n_run += 1
+        _advance(state, job[3].key, job[0].id, result)
+        if progress is not None:
+            progress(state)
+
     try:
-        for item in dataset.items:
-            todo = [c for c in configs if (c.key, item.id) not in done]
-            n_skipped += len(configs) - len(todo)
-            state.done += len(configs) - len(todo)
-            image, image_error = _item_image(item) if todo else (None, None)
-            for config in todo:
-                record = _evaluate(item, image, image_error, config, base, small, large)
-                log.append(record)
-                n_run += 1
-                _advance(state, config.key, item.id, record)
-                if progress is not None:
-                    progress(state)
+        jobs = _jobs(dataset, configs, done, state, skipped)
+        if concurrency == 1:
+            for job in jobs:
+                keep(job, record(job))
+        else:
+            _run_concurrently(jobs, record, keep, concurrency)
     except KeyboardInterrupt:
+        for cancel in list(in_flight):
+            cancel.set()
         interrupted = True
     return EvalOutcome(
         dataset=dataset.name,
@@ -175,11 +197,61 @@ def run_eval(
         n_items=len(dataset.items),
         bad_items=list(dataset.bad),
         n_run=n_run,
-        n_skipped=n_skipped,
+        n_skipped=skipped[0],
         n_errors=state.errors,
         interrupted=interrupted,
         summaries=summarize_log(log, configs, dataset.items),
     )
+
+
+_Job = tuple[EvalItem, LoadedImage | None, str | None, EvalConfig]
+
+
+def _check_concurrency(concurrency: int, agents: Sequence[AgentLike | None]) -> None:
+    if concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    local = [a.name for a in agents if a is not None and not getattr(a, "is_remote", False)]
+    if concurrency > 1 and local:
+        raise UsageError(
+            f"--concurrency {concurrency} needs remote agents: {local[0]} runs in this process",
+            hint="serve it (vLLM, SGLang, llama-server) and pass --small/--large URL#MODEL",
+        )
+
+
+def _jobs(
+    dataset: Dataset, configs: Sequence[EvalConfig], done: set, state: EvalProgress, skipped: list[int]
+) -> Iterator[_Job]:
+    """(item, image, image error, config) for every pair still to run; each image decoded once."""
+    for item in dataset.items:
+        todo = [c for c in configs if (c.key, item.id) not in done]
+        skipped[0] += len(configs) - len(todo)
+        state.done += len(configs) - len(todo)
+        image, image_error = _item_image(item) if todo else (None, None)
+        for config in todo:
+            yield item, image, image_error, config
+
+
+def _run_concurrently(
+    jobs: Iterator[_Job],
+    record: Callable[[_Job], EvalRecord],
+    keep: Callable[[_Job, EvalRecord], None],
+    concurrency: int,
+) -> None:
+    """Keep ``concurrency`` jobs in flight on worker threads; records are kept as they finish."""
+    pending: dict[Future[EvalRecord], _Job] = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < concurrency:
+            job = next(jobs, None)
+            if job is None:
+                exhausted = True
+            else:
+                pending[workers.spawn(record, job, name="vlmduo-eval")] = job
+        if not pending:
+            return
+        finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for future in finished:
+            keep(pending.pop(future), future.result())
 
 
 def summarize_log(
@@ -227,8 +299,9 @@ def _evaluate(
     image_error: str | None,
     config: EvalConfig,
     base: AskOptions,
-    small: Agent | None,
-    large: Agent | None,
+    small: AgentLike | None,
+    large: AgentLike | None,
+    cancel: threading.Event | None = None,
 ) -> EvalRecord:
     """One (configuration, item) record; any failure is recorded, never raised."""
     record: EvalRecord = {"item_id": item.id, "config": config.key, "category": item.category}
@@ -244,7 +317,7 @@ def _evaluate(
     )
     question = Question(text=build_question(item), image=image, fmt=fmt, options=dict(item.options))
     try:
-        result = ask(question, options, small=small, large=large)
+        result = ask(question, options, small=small, large=large, cancel=cancel)
     except VlmduoError as exc:
         return {**record, "prediction": None, "correct": False, "error": exc.message}
     except Exception as exc:  # noqa: BLE001 - one broken item must not end a long run

@@ -105,6 +105,8 @@ def offline_mode(offline: bool = False) -> bool:
 
 def cached_files(entry: ModelEntry) -> tuple[Path | None, Path | None]:
     """The entry's model and projector if already on disk; never touches the network."""
+    if entry.source == "remote":  # served by its endpoint: no files here
+        return None, None
     if entry.source == "synthetic":
         from vlmduo.synthetic import synthetic_paths
 
@@ -162,6 +164,8 @@ def remove(entry: ModelEntry, *, registry: Registry | None = None) -> int:
     by two quantisations of one repo) is kept. Local entries are the user's own files and
     are never deleted.
     """
+    if entry.source == "remote":
+        raise UsageError(f"'{entry.name}' is served by {entry.endpoint}; there are no files to remove")
     if entry.source == "local":
         raise UsageError(
             f"'{entry.name}' names your own files; vlmduo does not delete them",
@@ -202,6 +206,8 @@ def _ensure_many(
     missing: list[_Wanted] = []
     unavailable: list[str] = []  # offline and not on disk: every one named in one error
     for entry in entries:
+        if entry.source == "remote":
+            raise UsageError(f"'{entry.name}' is served by {entry.endpoint}; there is nothing to download")
         if entry.source == "synthetic":
             from vlmduo.synthetic import ensure_built
 

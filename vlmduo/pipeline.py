@@ -211,8 +211,11 @@ class _Duo:
     def run(self) -> AskResult:
         start = time.perf_counter()
         with contextlib.ExitStack() as scoped:
-            for agent in (self.small, self.large):  # restored on leaving, also after an error
-                scoped.enter_context(agent.stage1_threads(self.options.sequential))
+            pairs = ((self.small, self.large), (self.large, self.small))
+            for agent, other in pairs:  # restored on leaving, also after an error
+                # A local agent beside a remote one has the cores to itself.
+                alone = self.options.sequential or getattr(other, "is_remote", False)
+                scoped.enter_context(agent.stage1_threads(alone))
             short, small_result = self._stage1()
         timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
         route, answer, transferred = self._decide(short, small_result, timings)
@@ -220,6 +223,9 @@ class _Duo:
         load = sum(self.load_ms.get(a.name, 0.0) for a in (self.small, self.large))
         timings["total"] = round(wall + load, 3)
         after = sum(timings.get(k, 0.0) for k in ("select", "transfer_prefill", "answer_decode"))
+        if transferred and transferred.get("request_ms") is not None:
+            # A remote transfer's wall time (network included) stands for its prefill and decode.
+            after = timings.get("select", 0.0) + transferred["request_ms"]
         timings["critical_path"] = round(_critical_path(small_result, short.result, route) + after, 3)
         return AskResult(
             answer=answer,
@@ -334,6 +340,7 @@ class _Duo:
             # the large model's answer after the transfer (its stage-1 answer is in "large")
             "answer_tokens": done.answer_tokens,
             "answer_probability": done.probability,
+            **done.details,
         }
 
 
@@ -351,6 +358,8 @@ def _skipped(name: str, load: float) -> AgentResult:
 
 def _chain_ms(result: AgentResult) -> float:
     t = result.timings_ms
+    if "request" in t:  # a remote agent: its requests' wall time holds the server's stages
+        return t.get("image", 0.0) + t["request"]
     return sum(t.get(stage, 0.0) for stage in ("image", "encode", "prefill", "decode"))
 
 

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-Source = Literal["hub", "local", "synthetic"]
+Source = Literal["hub", "local", "synthetic", "remote"]
 Role = Literal["small", "large", "either"]
 
 DEFAULT_PAIR = "default"
@@ -44,14 +44,21 @@ _STR_KEYS = frozenset(
         "role",
         "family",
         "notes",
+        "endpoint",
+        "model",
+        "api_key_env",
+        "server",
     }
 )
 _BOOL_KEYS = frozenset({"thinking", "verified"})
-_NUMBER_KEYS = frozenset({"size_gb", "memory_gb"})
+_NUMBER_KEYS = frozenset({"size_gb", "memory_gb", "timeout"})
 _MODEL_KEYS = _STR_KEYS | _BOOL_KEYS | _NUMBER_KEYS | {"synthetic"}
 _PAIR_KEYS = frozenset({"small", "large", "notes"})
 _TOP_KEYS = frozenset({"models", "pairs"})
 _HUB_ONLY = ("repo", "file", "revision", "sha256", "mmproj_sha256")
+_REMOTE_ONLY = ("endpoint", "model", "api_key_env", "server", "timeout")
+# The OpenAI-compatible engines a remote entry may name (vlmduo.remote.servers).
+SERVERS = ("vllm", "sglang", "llama-server", "ollama", "openai")
 
 # Names end up on command lines and in file names: keep them shell- and path-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -83,6 +90,11 @@ class ModelEntry:
     family: str | None = None
     notes: str | None = None
     synthetic: dict[str, Any] | None = None
+    endpoint: str | None = None  # remote: the server's base URL (".../v1")
+    model: str | None = None  # remote: the server's model id
+    api_key_env: str | None = None  # remote: the environment variable holding the API key
+    server: str | None = None  # remote: one of SERVERS; None: detected
+    timeout: float | None = None  # remote: seconds to wait for one reply
     origin: Path | None = None
 
     @property
@@ -214,26 +226,20 @@ def _parse_model(name: str, table: dict[str, Any], path: Path) -> ModelEntry:
             raise _bad(path, where, f'names with dots need quotes: [models."{name}.{key}"]')
     _check_keys(table, _MODEL_KEYS, path, where)
     _check_types(table, path, where)
-    has = {key for key in ("repo", "path", "synthetic") if key in table}
+    has = {key for key in ("repo", "path", "synthetic", "endpoint") if key in table}
+    if "endpoint" in has:
+        return _remote_entry(name, table, path, where, has)
     if {"repo", "path"} <= has:
         raise _bad(path, where, "has both 'repo' (Hub) and 'path' (local file); keep one")
     if "synthetic" in has and len(has) > 1:
         raise _bad(path, where, "a synthetic entry takes neither 'repo' nor 'path'")
     if not has:
-        raise _bad(path, where, "needs 'repo' (a Hub model), 'path' (a local file) or 'synthetic'")
-    common: dict[str, Any] = {
-        "name": name,
-        "thinking": table.get("thinking", False),
-        "think_start": table.get("think_start", "<think>"),
-        "think_end": table.get("think_end", "</think>"),
-        "size_gb": _float(table.get("size_gb")),
-        "memory_gb": _float(table.get("memory_gb")),
-        "role": table.get("role", "either"),
-        "verified": table.get("verified", False),
-        "family": table.get("family"),
-        "notes": table.get("notes"),
-        "origin": path,
-    }
+        needs = "needs 'repo' (a Hub model), 'path' (a local file), 'endpoint' (a server) or 'synthetic'"
+        raise _bad(path, where, needs)
+    for key in _REMOTE_ONLY:
+        if key in table:
+            raise _bad(path, where, f"'{key}' applies to a remote entry only (one with 'endpoint')")
+    common = _common(name, table, path)
     if "repo" in has:
         return ModelEntry(source="hub", **_hub_fields(table, path, where), **common)
     if "path" in has:
@@ -248,6 +254,46 @@ def _parse_model(name: str, table: dict[str, Any], path: Path) -> ModelEntry:
         )
     _reject(table, (*_HUB_ONLY, "mmproj"), path, where, "a synthetic entry")
     return ModelEntry(source="synthetic", synthetic=dict(table["synthetic"]), **common)
+
+
+def _common(name: str, table: dict[str, Any], path: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "thinking": table.get("thinking", False),
+        "think_start": table.get("think_start", "<think>"),
+        "think_end": table.get("think_end", "</think>"),
+        "size_gb": _float(table.get("size_gb")),
+        "memory_gb": _float(table.get("memory_gb")),
+        "role": table.get("role", "either"),
+        "verified": table.get("verified", False),
+        "family": table.get("family"),
+        "notes": table.get("notes"),
+        "origin": path,
+    }
+
+
+def _remote_entry(name: str, table: dict[str, Any], path: Path, where: str, has: set[str]) -> ModelEntry:
+    """A model served by an OpenAI-compatible engine: no files, an endpoint and a model id."""
+    if len(has) > 1:
+        raise _bad(path, where, "a remote entry ('endpoint') takes neither 'repo', 'path' nor 'synthetic'")
+    _reject(table, (*_HUB_ONLY, "mmproj"), path, where, "a remote entry")
+    endpoint = table["endpoint"]
+    if not re.match(r"^https?://[^/\s]+", endpoint):
+        raise _bad(path, where, f"endpoint = '{endpoint}' must be an http(s) URL such as http://host:8000/v1")
+    if "model" not in table:
+        raise _bad(path, where, "needs 'model' (the model id the server lists at /v1/models)")
+    server = table.get("server")
+    if server is not None and server not in SERVERS:
+        raise _bad(path, where, f"server must be one of {', '.join(SERVERS)} (or left out to detect it)")
+    return ModelEntry(
+        source="remote",
+        endpoint=endpoint,
+        model=table["model"],
+        api_key_env=table.get("api_key_env"),
+        server=server,
+        timeout=_float(table.get("timeout")),
+        **_common(name, table, path),
+    )
 
 
 def _hub_fields(table: dict[str, Any], path: Path, where: str) -> dict[str, Any]:

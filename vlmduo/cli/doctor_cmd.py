@@ -29,6 +29,8 @@ pipeline on synthetic random-weight models as a self-test (no download).
   vlmduo doctor --json | jq .backend
 
   vlmduo doctor --no-self-test
+
+  vlmduo doctor --large http://gpu:8000/v1#Qwen/Qwen3-VL-8B-Instruct   (checks the server)
 """
 
 
@@ -38,11 +40,14 @@ def doctor(
         bool, typer.Option("--self-test/--no-self-test", help="Run the pipeline on synthetic models.")
     ] = True,
     pair: Annotated[str, typer.Option("--pair", help="The pair to check.", envvar="VLMDUO_PAIR")] = "default",
+    small: opt.SmallModel = None,
+    large: opt.LargeModel = None,
     debug: opt.Debug = False,
 ) -> None:
     from vlmduo.diagnostics import collect
 
-    report = collect(self_test=self_test, pair=pair)
+    small_ref, large_ref = opt.pair_defaults(pair, small, large)
+    report = collect(self_test=self_test, pair=pair, refs={"small": small_ref, "large": large_ref})
     if json_out:
         print(json.dumps(report.to_json()))
     else:
@@ -73,6 +78,13 @@ def _render(report) -> None:
         else:
             status = f"[red]FAILED[/] {escape(str(test.get('error') or test))}"
         table.add_row("self-test", status)
+    for endpoint in report.endpoints:
+        if endpoint.get("ok"):
+            status = f"[green]ok[/] {endpoint['server']}, model {escape(endpoint['model'])}, vision accepted"
+        else:
+            status = f"[red]FAILED[/] {escape(endpoint.get('error') or 'no image accepted')}"
+        where = escape(endpoint.get("endpoint", endpoint["name"]))
+        table.add_row(f"{endpoint['role']} server", f"{where}: {status}")
     console.print(table)
     if report.pair is not None:
         # Outside the table so that no command is broken over two lines: copy, paste, run.
@@ -87,6 +99,8 @@ def _pair_rows(table: Table, pair) -> None:
     for number, model in enumerate(pair.models):
         if model.source == "synthetic":
             state = "built locally" if model.downloaded else "built on first use (no download)"
+        elif model.source == "remote":
+            state = "served remotely (its server is checked below)"
         elif model.downloaded:
             state = "[green]downloaded[/]"
         else:

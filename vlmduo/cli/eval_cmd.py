@@ -161,6 +161,9 @@ def eval_command(
         Path | None, typer.Option(help="JSON Lines results file (default DATASET-results.jsonl).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip (config, item) pairs already in --results.")] = False,
+    concurrency: Annotated[
+        int, typer.Option(help="Items in flight at once; above 1 needs remote agents (URL#MODEL).")
+    ] = 1,
     json_out: opt.JsonOut = False,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
@@ -225,6 +228,7 @@ def eval_command(
             options=options,
             resume=resume,
             progress=progress,
+            concurrency=concurrency,
         )
     if json_out:
         print(json.dumps(outcome.to_json(), ensure_ascii=False))

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 
 # The models: a registry pair fills in whichever of --small / --large is not given.
 SmallModel = Annotated[
-    str | None, typer.Option("--small", help="Small (reasoning) model: registry name or .gguf path.")
+    str | None,
+    typer.Option("--small", help="Small (reasoning) model: registry name, .gguf path or server URL#MODEL."),
 ]
 LargeModel = Annotated[
-    str | None, typer.Option("--large", help="Large (answering) model: registry name or .gguf path.")
+    str | None,
+    typer.Option("--large", help="Large (answering) model: registry name, .gguf path or server URL#MODEL."),
 ]
 SmallMmproj = Annotated[
     str | None, typer.Option("--small-mmproj", help="Projector for a --small .gguf path.")

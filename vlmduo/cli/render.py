@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from vlmduo.agents import AgentResult
 from vlmduo.pipeline import AskResult
 from vlmduo.timing import AGENT_STAGES
 
@@ -203,29 +204,48 @@ def timing_table(result: AskResult) -> Table:
 
     A model's name goes under its role in the header, so the table stays narrow
     (under 80 columns for names up to 30 characters) and names are never cut.
+    A remote agent's column says so: its prefill and decode are what its server
+    reported, ``request`` is the wall time of its HTTP requests.
     """
     agents = [(role, a) for role, a in (("small", result.small), ("large", result.large)) if a]
+    remote = [_is_remote(a) for _, a in agents]
     title = f"mode {result.mode}" + (f" · route {result.route}" if result.route else "")
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, show_edge=False)
+    caption = "remote: prefill/decode from the server; request: wall" if any(remote) else None
+    table = Table(
+        title=title, title_justify="left", box=None, pad_edge=False, show_edge=False, caption=caption
+    )
     table.add_column("stage", no_wrap=True)
-    for role, agent in agents:
-        table.add_column(f"{role}\n{agent.model}", justify="right", overflow="fold")
-    for stage in AGENT_STAGES:
+    for (role, agent), is_remote in zip(agents, remote, strict=True):
+        head = f"{role} (remote)" if is_remote else role
+        table.add_column(f"{head}\n{agent.model}", justify="right", overflow="fold")
+    for stage in AGENT_STAGES + (("request",) if any(remote) else ()):
         table.add_row(stage, *[fmt_ms(a.timings_ms.get(stage), missing="") for _, a in agents])
     table.add_row(
         Text("tokens p/i/g", style="dim"),
         *[Text("{prompt}/{image}/{generated}".format(**a.tokens), style="dim") for _, a in agents],
     )
+    if any(remote):
+        cached = [a.tokens.get("cached") for _, a in agents]
+        table.add_row(Text("cached tok", style="dim"), *[Text("" if c is None else str(c)) for c in cached])
     pad = [""] * (len(agents) - 1)
-    for stage in PIPELINE_STAGES:
-        if stage in result.timings_ms:
+    rows = dict(result.timings_ms)
+    transferred = result.transferred or {}
+    if transferred.get("request_ms") is not None:  # a remote transfer: its wall time and cache hits
+        rows["transfer_request"] = transferred["request_ms"]
+    stages = list(PIPELINE_STAGES)
+    stages.insert(stages.index("answer_decode") + 1, "transfer_request")
+    for stage in stages:
+        if stage in rows:
             style = "bold" if stage in ("total", "process") else None
-            table.add_row(
-                Text(stage, style=style),
-                *pad,
-                Text(fmt_ms(result.timings_ms[stage], missing=""), style=style),
-            )
+            shown = fmt_ms(rows[stage], missing="")
+            if stage == "transfer_request" and transferred.get("cached_tokens") is not None:
+                shown += f" ({transferred['cached_tokens']} cached)"
+            table.add_row(Text(stage, style=style), *pad, Text(shown, style=style))
     return table
+
+
+def _is_remote(agent: AgentResult) -> bool:
+    return "request" in agent.timings_ms
 
 
 # Bidirectional overrides and isolates reorder what a terminal shows; escaped like controls.

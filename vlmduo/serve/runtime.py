@@ -92,6 +92,8 @@ def normalize_ref(ref: str | None) -> str | None:
     """A model reference as one spelling: registry names as given, paths absolute."""
     if ref is None:
         return None
+    if ref.lower().startswith(("http://", "https://")):  # a model on a server (URL#MODEL)
+        return ref
     if ref.endswith(".gguf") or "/" in ref or "\\" in ref or Path(ref).expanduser().is_file():
         return str(Path(ref).expanduser().resolve())
     return ref
