@@ -3,7 +3,9 @@
 The binary is built from the llama.cpp vendored in the installed
 llama-cpp-python's sdist by ``scripts/build_llama_server.sh``, into
 ``~/.cache/vlmduo/llama-server-VERSION/bin/`` (or ``$LLAMA_SERVER_CACHE``);
-``$LLAMA_SERVER_BIN`` names another binary. Without one, the tests that need it skip.
+``$LLAMA_SERVER_BIN`` names another binary. Without one, the tests that need it
+skip, unless ``VLMDUO_BUILD_LLAMA_SERVER=1`` (CI sets it): then the script builds it
+first, once per machine.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +32,13 @@ def find_binary() -> Path | None:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     cache = Path(os.environ.get("LLAMA_SERVER_CACHE") or Path(base) / "vlmduo" / f"llama-server-{version}")
     binary = cache / "bin" / "llama-server"
+    if (
+        not (binary.is_file() and os.access(binary, os.X_OK))
+        and os.environ.get("VLMDUO_BUILD_LLAMA_SERVER") == "1"
+    ):
+        script = Path(__file__).resolve().parent.parent / "scripts" / "build_llama_server.sh"
+        env = {**os.environ, "PYTHON": sys.executable, "LLAMA_SERVER_CACHE": str(cache)}
+        subprocess.run(["bash", str(script)], env=env, check=True, stdout=subprocess.DEVNULL)
     return binary if binary.is_file() and os.access(binary, os.X_OK) else None
 
 
