@@ -269,3 +269,20 @@ def test_ctrl_c_exits_130_without_finishing_the_reasoning(mode, image_file, isol
         raise
     assert proc.returncode == 130, err.decode()
     assert b"Interrupted" in err and b"Traceback" not in err
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_small_agent_takes_every_core_once_the_large_has_answered(sequential):
+    small = ScriptedAgent("small").enqueue(answer="A", delays={"reason": 0.3})
+    large = ScriptedAgent("large").enqueue(answer="A")
+    pipeline.ask(_q(), AskOptions(sequential=sequential), small=small, large=large)
+    assert ("solo" in small.calls) is not sequential
+    assert "solo" not in large.calls
+
+
+def test_widened_threads_are_restored_after_the_duo(agents, image):
+    small, large = agents
+    before = (small.model.default_context.n_threads, large.context.n_threads)
+    options = AskOptions(policy="always", think_budget=48)
+    pipeline.ask(make_question(CHOICE, image, "auto"), options, small=small, large=large)
+    assert (small.model.default_context.n_threads, large.context.n_threads) == before

@@ -69,6 +69,10 @@ class Agent:
         n = threads if sequential else max(1, threads // 2)
         return (self.context or self.model.default_context).threads(n)
 
+    def solo(self) -> None:
+        """The other agent is done with stage 1: take every core for the rest of it."""
+        (self.context or self.model.default_context).widen(self.model.settings.threads())
+
     def reason(self, question: Question, sampling: Sampling, think_budget: int, **kwargs: Any) -> AgentResult:
         """``reason_then_answer`` with this agent."""
         return reason_then_answer(self, question, sampling, think_budget, **kwargs)
@@ -93,6 +97,8 @@ class AgentLike(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
     def stage1_threads(self, sequential: bool) -> contextlib.AbstractContextManager[None]: ...
+
+    def solo(self) -> None: ...
 
     def reason(
         self, question: Question, sampling: Sampling, think_budget: int, **kwargs: Any

@@ -259,6 +259,10 @@ class _Duo:
             short = large_future.result()
             if _confident(self.options, short):
                 self.confident.set()
+            elif not self.options.sequential and not small_future.done():
+                # The large agent's short answer is in and its cores are idle:
+                # the small agent reasons on with all of them.
+                self.small.solo()
             workers.first_error(futures)
             return short, small_future.result()
         except BaseException as exc:

@@ -148,6 +148,15 @@ class Context:
                 llama_cpp.llama_set_n_threads(self._ctx, before, before)
             self.n_threads = before
 
+    def widen(self, n_threads: int) -> None:
+        """Use ``n_threads`` from the next decode on, inside a ``threads`` block (whose
+        exit restores what was before it). Safe while another thread decodes here:
+        llama.cpp reads the count when it plans the next graph."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
+        self.n_threads = n_threads
+
     def close(self) -> None:
         """Free the context and its batch (idempotent)."""
         import llama_cpp

@@ -71,6 +71,10 @@ class ScriptedAgent:
         finally:
             self.threads_entered -= 1
 
+    def solo(self) -> None:
+        """Recorded, so tests can see when the pipeline handed this agent every core."""
+        self.calls.append("solo")
+
     def reason(self, question: Question, sampling: Sampling, think_budget: int, **kwargs: Any) -> AgentResult:
         """Stream the script's reasoning, a word a tick, then answer."""
         script = self._next()

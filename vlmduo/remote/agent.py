@@ -261,6 +261,9 @@ class RemoteAgent:
         """A remote agent uses no local cores."""
         return contextlib.nullcontext()
 
+    def solo(self) -> None:
+        """A remote agent uses no local cores."""
+
     def reason(
         self,
         question: Question,
