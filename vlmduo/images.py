@@ -70,15 +70,13 @@ def load_image(
     transparency is composited on white. Raises :class:`ImageError` on any failure.
     """
     start = time.perf_counter()
+    if source == STDIN or _URL_RE.match(source):
+        data = read_image_bytes(source, stdin=stdin, timeout=timeout, max_bytes=max_bytes)
+        read_ms = (time.perf_counter() - start) * 1000.0
+        return decode_image_bytes(data, source, max_pixels=max_pixels, read_ms=read_ms)
+    # A file is decoded straight from disk (Pillow reads only what it needs).
     name = _display_name(source)
-    fp: Path | BinaryIO
-    if source == STDIN:
-        fp = io.BytesIO(_read_stdin(stdin, max_bytes))
-    elif _URL_RE.match(source):
-        fp = io.BytesIO(_fetch_url(source, timeout=timeout, max_bytes=max_bytes))
-    else:
-        fp = _check_path(source, name)
-    width, height, rgb = _decode(fp, name, max_pixels)
+    width, height, rgb = _decode(_check_path(source, name), name, max_pixels)
     return LoadedImage(
         rgb=rgb,
         width=width,
