@@ -14,7 +14,7 @@ disconnects in the middle of an ask, bursts beyond the queue), then the server m
 still answer; its resident memory after the first 20 requests and at the end
 (target: grown by less than 50 MB).
 
-    python benchmarks/serve_speed.py                 # both parts
+    pip install . && python benchmarks/serve_speed.py   # both parts, as installed
     python benchmarks/serve_speed.py --asks 20 --requests 200 --threads 2
 
 Runs with its own VLMDUO_CACHE (a temporary directory, or --cache), so it never
@@ -43,10 +43,15 @@ sys.path.insert(0, str(ROOT))
 QUESTION = "Which shape is shown? A. circle B. square C. triangle D. star"
 
 
+def command() -> list[str]:
+    """``vlmduo`` as a user runs it: the console script of this interpreter's environment
+    (``pip install .`` makes it; run this with that environment's python), else ``-m``."""
+    script = Path(sys.executable).parent / "vlmduo"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vlmduo"]
+
+
 def vlmduo(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vlmduo", *args], env=env, capture_output=True, timeout=timeout, cwd=ROOT
-    )
+    return subprocess.run([*command(), *args], env=env, capture_output=True, timeout=timeout, cwd=ROOT)
 
 
 def timed(*args: str, env: dict[str, str]) -> float:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +103,18 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "vlmduo", *args], input=stdin, env=env, capture_output=True, timeout=timeout
     )
+
+
+def interrupt_after(command: list[str], env: dict[str, str], seconds: float) -> tuple[int, bytes]:
+    """Start ``command``, send it SIGINT after ``seconds`` (it must still run), and return
+    its exit code and stderr once it ends."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(seconds)
+    assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)  # a hang guard, not a timing claim
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err

@@ -6,14 +6,12 @@ Routes, failures and slow stages are forced with scripted agents
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import interrupt_after, run_cli
 
 from vlmduo import llama_logs, pipeline
 from vlmduo.errors import Cancelled, EngineError
@@ -253,21 +251,9 @@ def test_ctrl_c_exits_130_without_finishing_the_reasoning(mode, image_file, isol
     args = ["ask", str(image_file), "Is it a cat?", "--pair", "synthetic", "--mode", mode]
     args += ["--think-budget", "20000", "--ctx", "24576"]
     run_cli(["ask", str(image_file), "Q?", "--pair", "synthetic", "--mode", "large"], isolated_env)  # build
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmduo", *args],
-        env=isolated_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    time.sleep(3.0)  # loaded and reasoning
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=60)  # a hang guard, not a timing claim
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 130, err.decode()
+    # loaded and reasoning after 3 s
+    code, err = interrupt_after([sys.executable, "-m", "vlmduo", *args], isolated_env, 3.0)
+    assert code == 130, err.decode()
     assert b"Interrupted" in err and b"Traceback" not in err
 
 

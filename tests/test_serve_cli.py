@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import interrupt_after, run_cli
 from PIL import Image
 
 from vlmduo.images import synthetic_image
@@ -258,3 +258,110 @@ def test_a_non_loopback_address_needs_an_api_key(env, models):
     out = run_cli(["serve", *models, "--host", "0.0.0.0", "--port", "0"], env, timeout=60)
     assert out.returncode == 2 and b"--api-key" in out.stderr
     assert _records(env) == [] or all(r["host"] == "127.0.0.1" for r in _records(env))
+
+
+# -- the thin client: `vlmduo ask` answered by the server without loading the CLI ------------
+# Runs the thin client alone: exit 100 when it declines (the usual path would then run).
+THIN = (
+    "import sys; from vlmduo.cli import thin_client; "
+    "code = thin_client.ask(sys.argv[1:]); sys.exit(100 if code is None else code)"
+)
+
+
+def _thin(args, env, stdin=None):
+    command = [sys.executable, "-c", THIN, *args, *ENGINE, "--think-budget", "24"]
+    return subprocess.run(command, input=stdin, env=env, capture_output=True, timeout=180)
+
+
+def _shape(stderr: bytes) -> list[list[str]]:
+    """The timing table without its figures (words only), and the caption's first words."""
+    rows = []
+    for line in stderr.decode().splitlines():
+        words = [w for w in line.split() if not any(c.isdigit() for c in w) and w != "ms"]
+        rows.append(words[:6])
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["duo", "large"])
+def test_a_thin_client_prints_what_in_process_prints(server, env, models, photos, mode):
+    args = [str(photos / "photo0.png"), CHOICE, *models, "--mode", mode]
+    thin, local = _thin(args, env), _ask([*args, "--no-server"], env)
+    assert thin.returncode == local.returncode == 0, thin.stderr.decode() + local.stderr.decode()
+    assert thin.stdout == local.stdout and thin.stdout.strip()
+    assert f"answered by vlmduo serve at {server}".encode() in thin.stderr
+    assert _shape(thin.stderr)[:-1] == _shape(local.stderr)  # the same table, and who answered
+    thin_json = json.loads(_thin([*args, "--json"], env).stdout)
+    local_json = json.loads(_ask([*args, "--json", "--no-server"], env).stdout)
+    assert _without_timings(thin_json) == _without_timings(local_json)
+    assert thin_json["timings_ms"].keys() == local_json["timings_ms"].keys()
+    assert thin_json["timings_ms"]["process"] > thin_json["timings_ms"]["total"]
+
+
+def test_a_thin_client_renders_for_its_own_terminal(server, env, models, photos):
+    args = [str(photos / "photo0.png"), CHOICE, *models]
+    narrow = _thin(args, dict(env, COLUMNS="60"))
+    table = narrow.stderr.decode().splitlines()[:-1]  # the caption is one line, wrapped by the terminal
+    assert narrow.returncode == 0 and max(len(line) for line in table) <= 60 < len(_thin(args, env).stderr)
+    coloured = {k: v for k, v in env.items() if k != "NO_COLOR"}
+    coloured["FORCE_COLOR"] = "1"
+    thin, local = _thin(args, coloured), _ask([*args, "--no-server"], coloured)
+    assert b"\x1b[" in thin.stderr and b"\x1b[" in local.stderr
+    plain = _thin(args, env)
+    assert b"\x1b[" not in plain.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env"),
+    [
+        (["--pair", "synthetic"], {}),  # other models than the server's
+        (["--ctx", "2048"], {}),  # other engine settings
+        (["--no-server"], {}),
+        ([], {"VLMDUO_PAIR": "synthetic"}),  # an environment that could change the command
+        ([], {"VLMDUO_NO_SERVER": "1"}),
+    ],
+)
+def test_a_thin_client_declines_what_the_server_cannot_answer_exactly(
+    server, env, models, photos, args, extra_env
+):
+    model_args = [] if "--pair" in args else models
+    out = _thin([str(photos / "photo0.png"), "Is it red?", *model_args, *args], dict(env, **extra_env))
+    assert out.returncode == 100 and out.stdout == out.stderr == b"", out.stderr.decode()
+
+
+def test_a_thin_client_errors_read_as_in_process(server, env, models, photos):
+    args = [str(photos / "photo0.png"), "Is it red?", *models, "--policy", "always", "--mode", "large"]
+    thin, local = _thin(args, env), _ask([*args, "--no-server"], env)
+    assert thin.returncode == local.returncode == 2
+    assert thin.stderr == local.stderr and thin.stderr.startswith(b"Error: ")
+    notes = _thin([str(photos / "notes.png"), "Is it red?", *models], env)
+    assert notes.returncode == 1 and notes.stderr.startswith(b"Error: ") and b"notes.png" in notes.stderr
+
+
+def test_the_cli_endpoint_wants_the_token_from_the_record(server, env):
+    import httpx
+
+    body = {"argv": ["example", "Is it red?"], "terminal": {}}
+    refused = httpx.post(server + "/api/cli/ask", json=body, timeout=30)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    token = _records(env)[0]["cli_token"]
+    bad = httpx.post(server + "/api/cli/ask", json={"argv": 3}, headers={"x-vlmduo-cli-token": token})
+    assert bad.status_code == 400
+
+
+def test_ctrl_c_ends_a_thin_client_with_130_and_the_server_serves_on(tmp_path, env, photos):
+    # The Qwen3-VL-shaped synthetic pair reasons to its budget (no early end): 20000
+    # tokens take about a minute, so an exit soon after the signal comes from the interrupt.
+    own = dict(env, VLMDUO_CACHE=str(tmp_path / "cache"))
+    engine = ["--pair", "synthetic", "--ctx", "24576", "--threads", "1", "--image-max-tokens", "256"]
+    started = run_cli(["serve", *engine, "--port", "0", "--keep-alive", "-1", "--detach"], own, timeout=300)
+    assert started.returncode == 0, started.stderr.decode()
+    try:
+        args = [str(photos / "photo0.png"), "Is it red?", *engine, "--mode", "large-think"]
+        # asked, and the server reasons, after 2 s
+        code, err = interrupt_after([sys.executable, "-c", THIN, *args, "--think-budget", "20000"], own, 2.0)
+        assert code == 130 and b"Interrupted" in err and b"Traceback" not in err
+        command = [sys.executable, "-c", THIN, *args, "--mode", "large", "--think-budget", "24"]
+        after = subprocess.run(command, env=own, capture_output=True, timeout=120)
+        assert after.returncode == 0 and b"answered by vlmduo serve" in after.stderr, after.stderr.decode()
+    finally:
+        _stop_all(own)

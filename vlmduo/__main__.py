@@ -1,5 +1,5 @@
 """``python -m vlmduo`` runs the CLI."""
 
-from vlmduo.cli.app import main
+from vlmduo.cli.main import main
 
 main()

@@ -9,6 +9,7 @@ shipped one).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import sys
@@ -188,6 +189,18 @@ def load_registry(home: Path | None = None) -> Registry:
 
 def parse_registry_file(path: Path) -> tuple[dict[str, ModelEntry], dict[str, PairEntry]]:
     """Parse and validate one ``models.toml``; RegistryError names the file and entry."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise RegistryError(f"cannot read {path}: {exc.strerror}", hint=f"check {path}") from exc
+    models, pairs = _parse_cached(path, stat.st_mtime_ns, stat.st_size)
+    return dict(models), dict(pairs)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_cached(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, ModelEntry], dict[str, PairEntry]]:
+    # Parsed once per version of the file: a server resolves the pair on every ask
+    # (5 ms of TOML each time); an edited file has another mtime or size.
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -16,6 +16,7 @@ from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
 from vlmduo.errors import UsageError
 from vlmduo.pipeline import AskOptions
+from vlmduo.serve import cli_call
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -181,6 +182,7 @@ def ask(
             _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
             return
         stdin = served.stdin  # the image's bytes, when they were read for the server already
+    cli_call.forbid_local("--no-server: the client loads the models itself")
 
     from vlmduo.api import answer, load_agents
     from vlmduo.images import load_image
@@ -212,14 +214,16 @@ def _render(
 ) -> None:
     """The answer (or the JSON object) on stdout; reasoning and the timing table on stderr;
     ``caption`` says who answered, when a server did."""
+    from vlmduo.cli import terminal
     from vlmduo.cli.clock import process_ms
 
     # Everything the user waited for, from the interpreter's start to the answer.
     result.timings_ms["process"] = round(process_ms()[0], 3)
+    out = terminal.stdout()
     if json_out:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        print(json.dumps(result.to_json(), ensure_ascii=False), file=out)
     else:
-        print(result.answer if result.answer is not None else "")
+        print(result.answer if result.answer is not None else "", file=out)
     if show_reasoning_flag:
         # Asked for, so shown even beside --json (stderr; stdout keeps the one object).
         show_reasoning(stderr_console(), result)
@@ -243,6 +247,7 @@ def _ask_many(
     quiet: bool,
 ) -> int:
     """``--each`` / ``--batch``: one JSON line per item on stdout; the exit code."""
+    cli_call.forbid_local("--each and --batch run in the client")
     items, total = many.many_items(image, question, each, batch)
     return many.run_many(
         items,

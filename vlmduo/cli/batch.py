@@ -109,8 +109,12 @@ def through_server(
 
     Errors the server reports are raised as in-process (same line, same exit code).
     """
-    from vlmduo.serve import client
+    from vlmduo.serve import cli_call, client
 
+    resident = cli_call.current()
+    if resident is not None:  # running inside the server for a thin client: its own models
+        result = resident.ask(image, question, options, refs, _roles(options.mode), runtime_engine(settings))
+        return Served(result, resident.record)
     match = find_server(refs, options, settings, console)
     if match.record is None:
         if match.note:

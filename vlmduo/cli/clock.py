@@ -10,6 +10,7 @@ of one clock tick (10 ms on most systems). Elsewhere it counts from the first li
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from vlmduo.cli import STARTED
@@ -32,7 +33,15 @@ def _since_exec_s() -> float | None:
 
 def process_ms() -> tuple[float, str]:
     """Milliseconds since this process started, and where they are counted from:
-    ``"start"`` (the kernel's record of the process start) or ``"import"`` (vlmduo.cli's first line)."""
+    ``"start"`` (the kernel's record of the process start) or ``"import"`` (vlmduo.cli's first line).
+
+    For a thin client answered by a server, the client's process: what it had run
+    when it sent the request, plus the server's time since."""
+    # Not imported by a thin client (11 ms of its start); no client terminal without it.
+    terminal = sys.modules.get("vlmduo.cli.terminal")
+    remote = terminal.current() if terminal is not None else None
+    if remote is not None:
+        return remote.process_ms(), "start"
     in_process = time.perf_counter() - STARTED
     since_exec = _since_exec_s()
     # A kernel figure below what this process measured itself is not to be trusted.

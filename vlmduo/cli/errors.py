@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from vlmduo.cli import terminal
 from vlmduo.errors import VlmduoError
 
 EXIT_INTERRUPTED = 130
@@ -30,7 +31,7 @@ def report(exc: BaseException, console: Console | None = None) -> int:
     one ``Hint: <what to do>`` line. Neither is ever broken over two lines (a terminal
     wraps them on screen only), so ``2>&1 | grep ^Error:`` finds the cause whole.
     """
-    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    console = console or terminal.console(stderr=True, highlight=False, soft_wrap=True)
     if debug_enabled() and not isinstance(exc, KeyboardInterrupt):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt | typer.Abort):
@@ -55,7 +56,7 @@ def _one_line(text: str) -> str:
 def is_usage_error(exc: BaseException) -> bool:
     """True for click's own errors (unknown option, missing argument, bad value).
 
-    Told by shape, not class: typer 0.29 vendors click, so its exceptions are not
+    Told by shape, not class: typer (0.26 on) vendors click, so its exceptions are not
     ``click.ClickException``, and its vendored module is private.
     """
     return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
@@ -63,7 +64,7 @@ def is_usage_error(exc: BaseException) -> bool:
 
 def report_usage(exc: BaseException) -> int:
     """A mistake click found on the command line, as one Error line and one Hint line."""
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console = terminal.console(stderr=True, highlight=False, soft_wrap=True)
     console.print(f"[bold red]Error:[/] {escape(_one_line(exc.format_message()))}")  # type: ignore[attr-defined]
     ctx = getattr(exc, "ctx", None)
     if ctx is not None:

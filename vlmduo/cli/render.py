@@ -37,7 +37,9 @@ _GAP = 2  # between two columns: the right padding of one and the left padding o
 
 def stderr_console(quiet: bool = False) -> Console:
     """The console for everything that is not the answer."""
-    return Console(stderr=True, highlight=False, quiet=quiet, soft_wrap=True)
+    from vlmduo.cli import terminal
+
+    return terminal.console(stderr=True, highlight=False, quiet=quiet, soft_wrap=True)
 
 
 def fmt_ms(value: float | None, missing: str = "–") -> str:

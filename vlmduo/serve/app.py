@@ -50,6 +50,7 @@ class AppConfig:
     api_key: str | None = None
     created: int = field(default_factory=openai_api.now)
     url: str = ""
+    record: Any = None  # the server's ServerRecord: thin clients prove they read it (cli_token)
 
 
 def create_app(host: PairHost, config: AppConfig) -> Starlette:
@@ -59,6 +60,7 @@ def create_app(host: PairHost, config: AppConfig) -> Starlette:
         Route("/health", api.health, methods=["GET"]),
         Route("/api/status", api.status, methods=["GET"]),
         Route("/api/ask", api.native_ask, methods=["POST"]),
+        Route("/api/cli/ask", api.cli_ask, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
@@ -232,6 +234,26 @@ class _Api:
         ticket, image = await self._prepare(ask.image)
         result = await self._answer(request, self._job(ticket, image, ask.question, ask.options))
         return JSONResponse(result.to_json())
+
+    async def cli_ask(self, request: Request) -> JSONResponse:
+        """``vlmduo ask`` for a thin client of this machine's user (see ``serve.cli_call``)."""
+        from vlmduo.serve import cli_call
+
+        token = getattr(self.config.record, "cli_token", None)
+        given = request.headers.get("x-vlmduo-cli-token", "")
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(403, "not a vlmduo ask of this machine's user", code="forbidden")
+        body = await _read_json(request, self.config.limits.max_body_bytes)
+        try:
+            call = cli_call.parse(body)
+        except cli_call.BadCall as exc:
+            raise ApiError(400, str(exc), code="invalid_request") from None
+
+        def work(cancel: threading.Event) -> dict[str, Any]:
+            resident = cli_call.Resident(self.host, self.config.record, self.config.limits, call, cancel)
+            return cli_call.run(resident)
+
+        return JSONResponse(await _run_watched(request.receive, work))
 
     async def chat(self, request: Request) -> Any:
         body = await _read_json(request, self.config.limits.max_body_bytes)

@@ -60,6 +60,8 @@ class ServerRecord:
     limits: dict[str, int] = field(default_factory=dict)
     keep_alive_s: float | None = 300.0
     log: str | None = None
+    # Proves to the server that a thin `vlmduo ask` read this record (readable by this user only).
+    cli_token: str | None = None
 
     @property
     def url(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ def serve(
             limits=options.limits.to_json(),
             keep_alive_s=options.keep_alive_s,
             log=options.log,
+            cli_token=secrets.token_urlsafe(24),
         )
         host = PairHost(
             spec, keep_alive_s=options.keep_alive_s, max_waiting=options.max_waiting, loader=loader
@@ -151,7 +153,9 @@ def _run(options: ServeOptions, host: PairHost, record: runtime.ServerRecord, so
 
     from vlmduo.serve.app import AppConfig, create_app
 
-    config = AppConfig(limits=options.limits, engine=record.engine, api_key=options.api_key, url=record.url)
+    config = AppConfig(
+        limits=options.limits, engine=record.engine, api_key=options.api_key, url=record.url, record=record
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
