@@ -10,6 +10,7 @@ with min-max. Build the tools once, outside the repository:
         -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
     cmake --build /tmp/llama-build -j --target llama-mtmd-cli llama-bench
 
+    pip install .     # the console script, as users run it (no editable-install finder)
     python benchmarks/vs_llama_cpp.py --bin /tmp/llama-build/bin            # all parts
     python benchmarks/vs_llama_cpp.py --bin ... --parts load,e2e --reps 5
 
@@ -122,13 +123,20 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
 
 
+def vlmduo_command() -> list[str]:
+    """``vlmduo`` as a user runs it: the console script of this interpreter's environment
+    (``pip install .`` makes it; run this with that environment's python), else ``-m``."""
+    script = Path(sys.executable).parent / "vlmduo"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vlmduo"]
+
+
 def part_startup(args: argparse.Namespace) -> None:
-    py = sys.executable
+    py, cli = sys.executable, vlmduo_command()
     runs = interleave(
         {
             "python -c pass": lambda: wall([py, "-c", "pass"]),
-            "vlmduo --help": lambda: wall([py, "-m", "vlmduo", "--help"]),
-            "vlmduo ask --help": lambda: wall([py, "-m", "vlmduo", "ask", "--help"]),
+            "vlmduo --help": lambda: wall([*cli, "--help"]),
+            "vlmduo ask --help": lambda: wall([*cli, "ask", "--help"]),
         },
         args.reps,
     )
@@ -154,7 +162,7 @@ def part_load(args: argparse.Namespace) -> None:
 
 def vlmduo_ask(model: tuple[str, str], image: str, args: argparse.Namespace, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "vlmduo", "ask", image, QUESTION, "-q", "--threads", str(args.threads),
+        *vlmduo_command(), "ask", image, QUESTION, "-q", "--no-server", "--threads", str(args.threads),
         "--large", model[0], "--large-mmproj", model[1], *extra,
     ]  # fmt: skip
 

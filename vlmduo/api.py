@@ -55,9 +55,10 @@ def resolve(
     Registry entries are downloaded (or, for synthetic entries, built) first
     when missing, unless ``offline``.
     """
-    from vlmduo import remote
+    # vlmduo.remote (and httpx, 30 ms) only for a model on a server.
+    if ref.strip().lower().startswith(("http://", "https://")):
+        from vlmduo import remote
 
-    if remote.is_remote_ref(ref):
         _no_projector(ref, mmproj)
         return remote.parse_ref(ref)
     if _looks_like_path(ref):
@@ -66,6 +67,8 @@ def resolve(
 
     entry = registry.load_registry().model(ref)
     if entry.source == "remote":
+        from vlmduo import remote
+
         _no_projector(ref, mmproj)
         return remote.from_entry(entry)
     if entry.source == "synthetic":

@@ -12,7 +12,6 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,8 @@ class Report:
 
 
 def _version(package: str) -> str:
+    from importlib import metadata  # 11 ms to import: only doctor reports versions
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -290,15 +291,15 @@ def ways_to_go_on(
 
 def missing_models(refs: list[str]) -> list[Any]:
     """Registry entries among ``refs`` (names or paths) whose Hub files are not all on disk."""
-    from vlmduo import hub, registry
+    from vlmduo import registry
 
     models = registry.load_registry().models
-    missing = []
-    for ref in dict.fromkeys(refs):
-        entry = models.get(ref)
-        if entry is not None and entry.is_hub and not hub.entry_status(entry).downloaded:
-            missing.append(entry)
-    return missing
+    wanted = [models[ref] for ref in dict.fromkeys(refs) if ref in models and models[ref].is_hub]
+    if not wanted:  # model files given as paths: no need for huggingface_hub (90 ms to import)
+        return []
+    from vlmduo import hub
+
+    return [entry for entry in wanted if not hub.entry_status(entry).downloaded]
 
 
 def pair_of(small: str, large: str) -> str | None:

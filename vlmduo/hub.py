@@ -42,6 +42,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from vlmduo import __version__
 from vlmduo.errors import ChecksumError, DiskSpaceError, DownloadError, ModelError, OfflineError, UsageError
+from vlmduo.offline import offline_by_environment
 from vlmduo.registry import ModelEntry, Registry, load_registry
 
 # Room left free after a download, so a pull never fills a disk to the last byte.
@@ -99,8 +100,7 @@ def hub_endpoint() -> str:
 
 def offline_mode(offline: bool = False) -> bool:
     """True when downloads are off: ``offline`` asked for, or ``HF_HUB_OFFLINE=1``."""
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return offline or flag.upper() in constants.ENV_VARS_TRUE_VALUES or constants.HF_HUB_OFFLINE
+    return offline or offline_by_environment() or constants.HF_HUB_OFFLINE
 
 
 def cached_files(entry: ModelEntry) -> tuple[Path | None, Path | None]:

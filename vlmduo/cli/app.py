@@ -79,7 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         # Accepted anywhere on the line, like VLMDUO_DEBUG=1: tracebacks on.
         os.environ["VLMDUO_DEBUG"] = "1"
         args = [a for a in args if a != "--debug"]
-    sys.exit(run_command(args))
+    from vlmduo.cli.main import flush_and_exit
+
+    code = run_command(args)
+    # Leave without the interpreter's teardown: freeing loaded models and every module
+    # one object at a time takes 50-60 ms after the answer is out, and the OS reclaims
+    # it all at once (llama.cpp's own tools also just exit). Commands finish their
+    # files and threads before they return.
+    flush_and_exit(code)
 
 
 @functools.cache

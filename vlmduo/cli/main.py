@@ -13,16 +13,27 @@ import sys
 def main() -> None:
     """Entry point of ``vlmduo`` and ``python -m vlmduo``."""
     args = sys.argv[1:]
-    if args[:1] == ["ask"]:
+    if args[:1] == ["ask"] and "--no-server" not in args:
         from vlmduo.cli import thin_client
 
         code = thin_client.ask(args[1:])
         if code is not None:
             # Nothing of this process needs tearing down (no thread, no model, no exit
             # handler of ours): leave without the interpreter's finalisation.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            flush_and_exit(code)
     from vlmduo.cli.app import main as run
 
     run(args)
+
+
+def flush_and_exit(code: int) -> None:
+    """Flush stdout and stderr and end the process now, without the interpreter's teardown.
+
+    A reader that went away (``vlmduo ask ... | head -c1``) is not an error of ours.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
