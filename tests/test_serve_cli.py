@@ -365,3 +365,29 @@ def test_ctrl_c_ends_a_thin_client_with_130_and_the_server_serves_on(tmp_path, e
         assert after.returncode == 0 and b"answered by vlmduo serve" in after.stderr, after.stderr.decode()
     finally:
         _stop_all(own)
+
+
+def test_a_thin_client_on_a_terminal_says_it_asks_the_server_then_erases_it(server, env, models, photos):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        args = [str(photos / "photo0.png"), CHOICE, *models, *ENGINE, "--think-budget", "24"]
+        out = subprocess.run(
+            [sys.executable, "-c", THIN, *args], env=env, stdout=subprocess.PIPE, stderr=slave, timeout=180
+        )
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert out.returncode == 0 and out.stdout.strip()
+    assert seen.startswith(f"Asking the server at {server}…".encode()) and b"\r\x1b[2K" in seen
+    assert b"answered by vlmduo serve" in seen

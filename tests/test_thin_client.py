@@ -102,3 +102,24 @@ def test_without_a_client_terminal_output_is_this_process_s(capsys):
     print("on stdout", file=terminal.stdout())
     out, err = capsys.readouterr()
     assert (out, err) == ("on stdout\n", "on stderr\n")
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8491"),
+        ("0.0.0.0", "http://127.0.0.1:8491"),  # listening everywhere: reached on loopback
+        ("::1", "http://[::1]:8491"),
+        ("[::1]", "http://[::1]:8491"),
+        ("::", "http://127.0.0.1:8491"),
+    ],
+)
+def test_a_record_is_reached_where_its_url_says(host, url):
+    from vlmduo.serve.runtime import ServerRecord
+
+    record = {"host": host, "port": 8491}
+    assert thin_client._url(record) == url
+    full = ServerRecord(
+        key="k", pid=1, host=host.strip("[]"), port=8491, pair="p", refs={}, models={}, engine={}
+    )
+    assert full.url == url  # the same place as the full client

@@ -141,18 +141,21 @@ class Environment:
         """True when other processes took a quarter core or more while measuring."""
         return self.other_cores is not None and self.other_cores >= 0.25
 
+    def _threads(self) -> str:
+        return f"{self.threads} thread{'' if self.threads == 1 else 's'}"
+
     def short(self) -> str:
         """A short form for captions: weights, hardware, backend and threads."""
         weights = self.weights.split(" (", 1)[0]
         busy = f" · others used {self.other_cores:.1f} cores" if self.busy else ""
-        return f"{weights} · {self.hardware} · {self.backend}, {self.threads} threads{busy}"
+        return f"{weights} · {self.hardware} · {self.backend}, {self._threads()}{busy}"
 
     def line(self) -> str:
         """The whole description, once per report."""
         gpu = f", {self.gpu_layers} layers offloaded" if self.backend != "CPU" else ""
         others = "" if self.other_cores is None else f"; other processes used {self.other_cores:.2f} cores"
         return (
-            f"{self.weights}; {self.hardware}; {self.backend} backend{gpu}, {self.threads} threads"
+            f"{self.weights}; {self.hardware}; {self.backend} backend{gpu}, {self._threads()}"
             f"{others}; llama-cpp-python {self.llama_cpp}; answers not reported"
         )
 

@@ -50,6 +50,8 @@ FLAG_OPTIONS = frozenset(
 )  # fmt: skip
 # Options whose presence sends the ask down the usual path.
 LOCAL_OPTIONS = frozenset({"--each", "--batch", "--no-server", "--debug", "--help"})
+# Options after which nothing but the answer (or the JSON object) is printed.
+QUIET_OPTIONS = frozenset({"-q", "--quiet", "--json"})
 MODEL_OPTIONS = frozenset({"--small", "--large", "--small-mmproj", "--large-mmproj"})
 # The environment variables that change what ``vlmduo ask`` means (models, registry,
 # caches, offline): the server answers only a client whose values equal its own.
@@ -172,15 +174,24 @@ def _isatty(stream: object) -> bool:
         return False
 
 
+def _address(record: dict) -> tuple[str, int]:
+    """Where to connect (as ``ServerRecord.url``: a server listening everywhere, on loopback)."""
+    host = record["host"].strip("[]")
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), int(record["port"])
+
+
+def _url(record: dict) -> str:
+    host, port = _address(record)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _post(record: dict, body: bytes) -> dict | None:
     """``POST /api/cli/ask`` to the server of ``record``; its JSON reply, or None when the
     server cannot be reached or does not answer 200 (the usual path then runs)."""
-    host = record["host"]
-    if host in ("0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
+    address = _address(record)
     headers = [
         "POST /api/cli/ask HTTP/1.1",
-        f"Host: {host}:{record['port']}",
+        f"Host: {_url(record).removeprefix('http://')}",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         f"X-Vlmduo-Cli-Token: {record['cli_token']}",
@@ -190,7 +201,7 @@ def _post(record: dict, body: bytes) -> dict | None:
     if key:
         headers.append(f"Authorization: Bearer {key}")
     try:
-        with socket.create_connection((host.strip("[]"), int(record["port"])), timeout=5.0) as sock:
+        with socket.create_connection(address, timeout=5.0) as sock:
             sock.settimeout(None)  # a long reasoning is legitimate; Ctrl-C ends it
             sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
             reply = _read_all(sock)
@@ -250,12 +261,19 @@ def _ask_servers(servers: list[dict], argv: list[str], image: tuple[bytes, float
         "version": __version__,
         "terminal": _terminal(),
     }
+    status = _isatty(sys.stderr) and not QUIET_OPTIONS.intersection(argv)
     for record in servers:
         body["elapsed_ms"] = process_ms()[0]
+        if status:  # as the usual path's spinner says it, without rich: one line, erased
+            sys.stderr.write(f"Asking the server at {_url(record)}…")
+            sys.stderr.flush()
         try:
             reply = _post(record, json.dumps(body).encode())
         except KeyboardInterrupt:
             return _interrupted()
+        finally:
+            if status:
+                sys.stderr.write("\r\x1b[2K")
         if reply is None or "declined" in reply:
             continue
         sys.stdout.write(reply.get("stdout", ""))
