@@ -128,6 +128,7 @@ def fitted_tables(
                 Text(column.header),
                 justify=column.justify,  # type: ignore[arg-type]
                 no_wrap=not column.wrap,
+                min_width=column.min_width if column.wrap else None,  # as packed: wrap no narrower
                 overflow="fold",
             )
         for row in rows:

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
-from vlmduo.cli.render import stderr_console
+from vlmduo.cli.render import Column, fitted_tables, print_tables, stderr_console
 from vlmduo.errors import UsageError
 
 if TYPE_CHECKING:
@@ -273,13 +272,30 @@ def ps(json_out: opt.JsonOut = False) -> None:
     if not rows:
         stderr_console().print("No vlmduo server is running. Start one: vlmduo serve --detach")
         return
-    table = Table(box=None, pad_edge=False, show_edge=False)
-    for column in ("PAIR", "URL", "PID", "STATE", "MODELS", "UNLOADS AT"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        models = " + ".join(row["models"].values()) if row["models"] else ""
-        table.add_row(row["pair"], row["url"], str(row["pid"]), row["state"], models, _until(row))
-    _stdout().print(table)
+    # Fitted to the terminal: a URL or a command is never broken mid-value; a table too
+    # wide is split in parts that repeat the pair.
+    longest = max((len(name) for row in rows for name in (row["models"] or {}).values()), default=6)
+    columns = [
+        Column("PAIR"),
+        Column("URL"),
+        Column("PID", justify="right"),
+        Column("STATE"),
+        Column("MODELS", wrap=True, min_width=longest + 2),  # wraps between names, never in one
+        Column("UNLOADS AT", wrap=True, min_width=8),
+    ]
+    table_rows = [
+        [
+            row["pair"],
+            row["url"],
+            str(row["pid"]),
+            row["state"],
+            " + ".join(row["models"].values()) if row["models"] else "",
+            _until(row),
+        ]
+        for row in rows
+    ]
+    console = _stdout()
+    print_tables(console, fitted_tables(None, columns, table_rows, width=console.width))
 
 
 def stop(
