@@ -1,9 +1,11 @@
 """Check GGUF files before llama.cpp sees them.
 
-llama.cpp aborts the whole process on some inputs it does not expect, and an
-abort cannot be caught. So a model and its projector are read here first, with
-a fast header walker (``gguf_meta``): is it GGUF at all, is it complete, is the
-model a language model and the projector a projector.
+libmtmd aborts the whole process on some projector files it does not expect, and
+an abort cannot be caught. So a projector is read here first, with ggml's own
+header reader (``gguf_meta``): is it GGUF at all, is it complete, is it a
+projector. A model file gets only the checks that need no parse (there, a GGUF)
+before llama.cpp, which refuses a bad model without aborting; when it refuses,
+the model's header is read here to say why (truncated, corrupt, a projector).
 
 Whether the projector's embeddings are as wide as the model takes is left to
 libmtmd: it computes the width from the projector's tensors per projector type
@@ -38,7 +40,7 @@ class GgufInfo:
 
 def read_info(path: Path, *, kind: str = "model") -> GgufInfo:
     """Read and sanity-check ``path``; ``kind`` ("model"/"mmproj") only shapes messages."""
-    _check_file(path, kind)
+    check_file(path, kind)
     try:
         header = gguf_meta.read_header(path)
     except (gguf_meta.GgufFormatError, ValueError, OverflowError, OSError) as exc:
@@ -64,11 +66,17 @@ def check_pair(model: GgufInfo, mmproj: GgufInfo) -> None:
             f"{model.path.name} is a projector (mmproj), not a language model",
             hint="pass the language model as the model and this file with --small-mmproj/--large-mmproj",
         )
+    check_projector(mmproj)
+
+
+def check_projector(mmproj: GgufInfo) -> None:
+    """Raise unless ``mmproj`` is a projector file."""
     if mmproj.architecture != "clip":
         raise ModelError(f"{mmproj.path.name} is not a projector (mmproj) file")
 
 
-def _check_file(path: Path, kind: str) -> None:
+def check_file(path: Path, kind: str) -> None:
+    """Exists, is a file, starts with the GGUF magic: the checks that need no parse."""
     if not path.exists():
         raise ModelError(f"{kind} file not found: {path}")
     if path.is_dir():
