@@ -15,8 +15,14 @@ vlmduo cache, nothing downloaded):
 The parent interleaves policies and repetitions (order rotated) and prints
 medians with their min-max. Policies: libgomp's default (spin a while, then
 sleep), ``PASSIVE`` (sleep at once: what vlmduo 0.1 set for every process at
-import), and ``GOMP_SPINCOUNT=10000`` (a short spin). llama.cpp's own thread
-pool needs a build with ``GGML_OPENMP=OFF``; not measured here.
+import), and ``GOMP_SPINCOUNT=10000`` (a short spin).
+
+llama.cpp's own thread pool: run this script with the python of an environment
+whose llama-cpp-python is built without OpenMP (``CMAKE_ARGS=-DGGML_OPENMP=OFF
+pip install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python``);
+the policy rows are then all the same pool. On 2 cores its decode was as close
+to the thin loop as OpenMP's, and its duo stage 1 was 6x slower concurrent and
+28x slower sequential (a pool made per graph, whose barrier spins).
 
     python benchmarks/threading_policy.py                 # 3 repetitions
     python benchmarks/threading_policy.py --reps 5 --tokens 128
