@@ -344,8 +344,9 @@ def test_the_cli_endpoint_wants_the_token_from_the_record(server, env):
     refused = httpx.post(server + "/api/cli/ask", json=body, timeout=30)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
     token = _records(env)[0]["cli_token"]
-    bad = httpx.post(server + "/api/cli/ask", json={"argv": 3}, headers={"x-vlmduo-cli-token": token})
-    assert bad.status_code == 400
+    for body in ({"argv": 3}, {"argv": [], "env": [1]}, {"argv": [], "terminal": {"size": ["a", 1]}}):
+        bad = httpx.post(server + "/api/cli/ask", json=body, headers={"x-vlmduo-cli-token": token})
+        assert bad.status_code == 400, body
 
 
 def test_ctrl_c_ends_a_thin_client_with_130_and_the_server_serves_on(tmp_path, env, photos):

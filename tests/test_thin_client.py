@@ -123,3 +123,22 @@ def test_a_record_is_reached_where_its_url_says(host, url):
         key="k", pid=1, host=host.strip("[]"), port=8491, pair="p", refs={}, models={}, engine={}
     )
     assert full.url == url  # the same place as the full client
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"VLMDUO_CACHE": "/tmp/vc"},
+        {"XDG_CACHE_HOME": "/tmp/xdg"},
+        {"VLMDUO_CACHE": "", "XDG_CACHE_HOME": "/x"},
+    ],
+)
+def test_the_client_looks_for_servers_where_they_write_their_records(monkeypatch, env):
+    from vlmduo.serve import runtime
+
+    for name in ("VLMDUO_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert thin_client._run_dir() == str(runtime.run_dir())

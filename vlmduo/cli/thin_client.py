@@ -105,6 +105,7 @@ def meaning_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def _run_dir() -> str:
+    # vlmduo.serve.runtime.run_dir's answer (a test holds them equal), without its imports.
     base = os.environ.get("VLMDUO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmduo"
     )

@@ -73,22 +73,24 @@ def parse(body: dict[str, Any]) -> CliCall:
             data = base64.b64decode(image, validate=True)
         except (binascii.Error, ValueError, TypeError):
             raise BadCall("image is not base64") from None
-    size = term.get("size")
-    env = term.get("env") or {}
-    return CliCall(
-        argv=argv,
-        image=data,
-        read_ms=float(body.get("read_ms") or 0.0),
-        env=dict(body.get("env") or {}),
-        version=str(body.get("version", "")),
-        terminal=terminal.Remote(
-            stdout_tty=bool(term.get("stdout_tty")),
-            stderr_tty=bool(term.get("stderr_tty")),
-            size=(int(size[0]), int(size[1])) if isinstance(size, list) and len(size) == 2 else None,
-            env={str(k): str(v) for k, v in env.items() if k in terminal.TERMINAL_ENV},
-            elapsed_ms=float(body.get("elapsed_ms") or 0.0),
-        ),
-    )
+    size, shown = term.get("size"), terminal.TERMINAL_ENV
+    try:
+        return CliCall(
+            argv=argv,
+            image=data,
+            read_ms=float(body.get("read_ms") or 0.0),
+            env={str(k): str(v) for k, v in (body.get("env") or {}).items()},
+            version=str(body.get("version", "")),
+            terminal=terminal.Remote(
+                stdout_tty=bool(term.get("stdout_tty")),
+                stderr_tty=bool(term.get("stderr_tty")),
+                size=(int(size[0]), int(size[1])) if isinstance(size, list) and len(size) == 2 else None,
+                env={str(k): str(v) for k, v in (term.get("env") or {}).items() if k in shown},
+                elapsed_ms=float(body.get("elapsed_ms") or 0.0),
+            ),
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BadCall(f"malformed call: {exc}") from None
 
 
 @dataclass
