@@ -5,8 +5,10 @@
 - ``openai_api``: the OpenAI chat-completions schema mapped onto vlmduo's options.
 - ``app``: the Starlette application (OpenAI-compatible and native endpoints).
 - ``server``: start-up (lock, socket, load, uvicorn) and ``--detach``.
-- ``client``: what ``vlmduo ask`` uses to ask a running server (httpx).
+- ``client``: what ``vlmduo ask`` uses to ask a running server (httpx), when the thin
+  client (``vlmduo.cli.thin_client``, standard library only) did not.
+- ``cli_call``: ``vlmduo ask`` run inside the server for a thin client.
 
-Only ``client`` and ``runtime`` are imported by ``vlmduo ask``; they import neither
-the engine nor the web stack, so asking a warm server stays a light process.
+Only ``client``, ``runtime`` and ``cli_call`` are imported by ``vlmduo ask``; they
+import neither the engine nor the web stack.
 """
