@@ -114,31 +114,32 @@ def test_without_a_client_terminal_output_is_this_process_s(capsys):
         ("::", "http://127.0.0.1:8491"),
     ],
 )
-def test_a_record_is_reached_where_its_url_says(host, url):
+def test_a_server_is_reached_where_its_url_says(host, url):
+    from vlmduo.serve import address
     from vlmduo.serve.runtime import ServerRecord
 
-    record = {"host": host, "port": 8491}
-    assert thin_client._url(record) == url
+    assert address.url(host, 8491) == url
+    assert address.connect_to(host, 8491) == (url.removeprefix("http://").rsplit(":", 1)[0].strip("[]"), 8491)
     full = ServerRecord(
         key="k", pid=1, host=host.strip("[]"), port=8491, pair="p", refs={}, models={}, engine={}
     )
-    assert full.url == url  # the same place as the full client
+    assert full.url == url
 
 
 @pytest.mark.parametrize(
-    "env",
+    ("env", "expected"),
     [
-        {},
-        {"VLMDUO_CACHE": "/tmp/vc"},
-        {"XDG_CACHE_HOME": "/tmp/xdg"},
-        {"VLMDUO_CACHE": "", "XDG_CACHE_HOME": "/x"},
+        ({"HOME": "/h"}, "/h/.cache/vlmduo/run"),
+        ({"HOME": "/h", "VLMDUO_CACHE": "/tmp/vc"}, "/tmp/vc/run"),
+        ({"HOME": "/h", "XDG_CACHE_HOME": "/tmp/xdg"}, "/tmp/xdg/vlmduo/run"),
+        ({"HOME": "/h", "VLMDUO_CACHE": "", "XDG_CACHE_HOME": "/x"}, "/x/vlmduo/run"),
     ],
 )
-def test_the_client_looks_for_servers_where_they_write_their_records(monkeypatch, env):
-    from vlmduo.serve import runtime
+def test_servers_are_found_in_the_run_directory_of_the_cache(monkeypatch, env, expected):
+    from vlmduo.serve import address, runtime
 
     for name in ("VLMDUO_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert thin_client._run_dir() == str(runtime.run_dir())
+    assert address.run_dir() == str(runtime.run_dir()) == expected

@@ -9,7 +9,6 @@ are those of the family's published files. Nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,9 @@ __all__ = ["SyntheticSpec", "build", "cache_root", "ensure_built", "synthetic_pa
 
 def cache_root() -> Path:
     """Where synthetic models are built: ``$VLMDUO_CACHE`` or ``~/.cache/vlmduo``."""
-    base = os.environ.get("VLMDUO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmduo"
-    )
-    return Path(base) / "synthetic"
+    from vlmduo.serve.address import cache_dir
+
+    return Path(cache_dir()) / "synthetic"
 
 
 def synthetic_paths(name: str, params: dict[str, Any]) -> tuple[Path, Path]:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Mapping
 
 from vlmduo import __version__
+from vlmduo.serve import address
 
 # Every option of ``vlmduo ask`` by whether it takes a value; a test holds these to
 # the typer command, so an option added there and not here fails the tests.
@@ -104,17 +105,9 @@ def meaning_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def _run_dir() -> str:
-    # vlmduo.serve.runtime.run_dir's answer (a test holds them equal), without its imports.
-    base = os.environ.get("VLMDUO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmduo"
-    )
-    return os.path.join(base, "run")
-
-
 def _ready_servers() -> list[dict]:
     """Records of ready servers that take thin clients, oldest first."""
-    folder = _run_dir()
+    folder = address.run_dir()
     try:
         names = [n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
     except OSError:
@@ -175,21 +168,14 @@ def _isatty(stream: object) -> bool:
         return False
 
 
-def _address(record: dict) -> tuple[str, int]:
-    """Where to connect (as ``ServerRecord.url``: a server listening everywhere, on loopback)."""
-    host = record["host"].strip("[]")
-    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), int(record["port"])
-
-
 def _url(record: dict) -> str:
-    host, port = _address(record)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return address.url(record["host"], record["port"])
 
 
 def _post(record: dict, body: bytes) -> dict | None:
     """``POST /api/cli/ask`` to the server of ``record``; its JSON reply, or None when the
     server cannot be reached or does not answer 200 (the usual path then runs)."""
-    address = _address(record)
+    where = address.connect_to(record["host"], record["port"])
     headers = [
         "POST /api/cli/ask HTTP/1.1",
         f"Host: {_url(record).removeprefix('http://')}",
@@ -202,7 +188,7 @@ def _post(record: dict, body: bytes) -> dict | None:
     if key:
         headers.append(f"Authorization: Bearer {key}")
     try:
-        with socket.create_connection(address, timeout=5.0) as sock:
+        with socket.create_connection(where, timeout=5.0) as sock:
             sock.settimeout(None)  # a long reasoning is legitimate; Ctrl-C ends it
             sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
             reply = _read_all(sock)

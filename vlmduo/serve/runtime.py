@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmduo.errors import UsageError, VlmduoError
+from vlmduo.serve import address
 
 # Fields of EngineSettings that change what a model computes; threads and verbosity
 # change only speed and logs, so a server with other threads still serves an ask.
@@ -66,10 +67,7 @@ class ServerRecord:
     @property
     def url(self) -> str:
         """Base URL of the server (the OpenAI base URL is this plus ``/v1``)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1"  # listening everywhere: reach it on loopback
-        return f"http://{host}:{self.port}"
+        return address.url(self.host, self.port)
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to disk."""
@@ -84,10 +82,7 @@ class ServerRecord:
 
 def run_dir() -> Path:
     """Where server records and locks live: ``$VLMDUO_CACHE/run`` or ``~/.cache/vlmduo/run``."""
-    base = os.environ.get("VLMDUO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmduo"
-    )
-    return Path(base) / "run"
+    return Path(address.run_dir())
 
 
 def normalize_ref(ref: str | None) -> str | None:
