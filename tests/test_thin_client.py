@@ -22,10 +22,6 @@ def test_the_option_tables_are_the_ask_commands_options():
     assert all(p.nargs == 1 for p in options)  # one value each, as positionals() reads them
 
 
-def test_the_terminal_variables_agree():
-    assert thin_client._TERMINAL_ENV == terminal.TERMINAL_ENV
-
-
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -85,13 +85,13 @@ def boundary(func: F) -> F:
         except (typer.Exit, SystemExit):
             raise
         except KeyboardInterrupt as exc:
+            from vlmduo.cli.main import flush_and_exit
+
             code = report(exc)
             # Agents were told to stop, but one may sit in an image encode that
             # cannot be interrupted: leave now, as llama.cpp's own tools do on
             # SIGINT, instead of joining it (and running exit handlers under it).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            flush_and_exit(code)
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             raise typer.Exit(report(exc)) from None
 

@@ -19,20 +19,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from vlmduo.cli.thin_client import TERMINAL_ENV
+
 if TYPE_CHECKING:
     from rich.console import Console
 
-# The environment variables rich reads to decide on colour, width and terminal-ness.
-TERMINAL_ENV = (
-    "TERM",
-    "COLORTERM",
-    "NO_COLOR",
-    "FORCE_COLOR",
-    "TTY_COMPATIBLE",
-    "TTY_INTERACTIVE",
-    "COLUMNS",
-    "LINES",
-)
+__all__ = ["TERMINAL_ENV", "Remote", "console", "current", "remote", "stdout"]
 
 
 class _Stream(io.StringIO):

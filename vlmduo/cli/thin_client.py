@@ -61,9 +61,10 @@ _ENV_PREFIXES = ("VLMDUO_", "HF_", "XDG_")
 _ENV_NAMES = ("HOME", "TRANSFORMERS_OFFLINE")
 _ENV_IGNORED = ("VLMDUO_SERVER_WAIT", "VLMDUO_DEBUG")
 _CREDENTIAL_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-# The terminal's variables rich reads (kept equal to vlmduo.cli.terminal.TERMINAL_ENV by a test).
-_TERMINAL_ENV = ("TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
-_TERMINAL_ENV += ("COLUMNS", "LINES")
+# The environment variables rich reads to decide on colour, width and terminal-ness
+# (vlmduo.cli.terminal renders for the client with these).
+TERMINAL_ENV = ("TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+TERMINAL_ENV += ("COLUMNS", "LINES")
 _MAX_IMAGE_BYTES = 50 * 2**20  # read_image_bytes's own cap; beyond it the usual path says why
 _FALSE = ("", "0", "false", "no", "off", "f", "n")
 
@@ -157,7 +158,7 @@ def _terminal() -> dict:
         "stdout_tty": _isatty(sys.stdout),
         "stderr_tty": _isatty(sys.stderr),
         "size": size,
-        "env": {name: os.environ[name] for name in _TERMINAL_ENV if name in os.environ},
+        "env": {name: os.environ[name] for name in TERMINAL_ENV if name in os.environ},
     }
 
 

@@ -116,8 +116,7 @@ class Resident:
         from vlmduo.images import decode_image_bytes
         from vlmduo.serve import runtime
 
-        wanted = runtime.normalize_refs({role: refs[role] for role in roles})
-        if any(self.record.refs.get(role) != wanted[role] for role in roles):
+        if not runtime.serves(self.record, runtime.normalize_refs({role: refs[role] for role in roles})):
             raise Declined("this server serves other models")
         if self.record.engine != engine:
             raise Declined("this server runs other engine settings")

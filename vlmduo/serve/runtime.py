@@ -227,6 +227,11 @@ class Match:
     note: str | None = None  # why a server of the same models was not used
 
 
+def serves(record: ServerRecord, wanted: dict[str, list[str | None]]) -> bool:
+    """True when ``record``'s server holds the models ``wanted`` (normalised refs by role)."""
+    return all(record.refs.get(role) == models for role, models in wanted.items())
+
+
 def find_server(
     refs: dict[str, tuple[str, str | None]],
     roles: tuple[str, ...],
@@ -245,7 +250,7 @@ def find_server(
     wanted = normalize_refs({role: refs[role] for role in roles})
     note = None
     for record in live_records():
-        if any(record.refs.get(role) != wanted[role] for role in roles):
+        if not serves(record, wanted):
             continue
         if record.engine != engine:
             note = _settings_note(record, engine)
