@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmduo import __version__
+from vlmduo.offline import offline_mode
 
 PACKAGES = ("llama-cpp-python", "gguf", "huggingface-hub", "typer", "rich", "pillow", "numpy", "httpx")
 GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
@@ -103,7 +104,7 @@ def collect(
     checked: reachable, the model listed, an image accepted."""
     import llama_cpp
 
-    from vlmduo import hub, synthetic
+    from vlmduo import synthetic
     from vlmduo.engine import gpu_offload_supported
 
     info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
@@ -115,7 +116,7 @@ def collect(
         gpu_offload=gpu_offload_supported(),
         system_info=info,
         paths=_paths(synthetic.cache_root()),
-        offline=hub.offline_mode(),
+        offline=offline_mode(),
         threading=threading_policy(info),
     )
     if pair is not None:
@@ -316,7 +317,7 @@ def pair_readiness(pair: str = "default", *, offline: bool | None = None) -> Pai
     never when offline), and the exact command to run next."""
     from vlmduo import hub, registry
 
-    offline = hub.offline_mode() if offline is None else offline
+    offline = offline_mode() if offline is None else offline
     entries = zip(("small", "large"), registry.load_registry().pair_models(pair), strict=True)
     models = [
         ModelReadiness(e.name, role, e.source, hub.entry_status(e).downloaded, e.size_gb)

@@ -42,7 +42,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from vlmduo import __version__
 from vlmduo.errors import ChecksumError, DiskSpaceError, DownloadError, ModelError, OfflineError, UsageError
-from vlmduo.offline import offline_by_environment
+from vlmduo.offline import offline_mode
 from vlmduo.registry import ModelEntry, Registry, load_registry
 
 # Room left free after a download, so a pull never fills a disk to the last byte.
@@ -96,11 +96,6 @@ def hub_cache_dir() -> Path:
 def hub_endpoint() -> str:
     """The Hub's base URL: ``HF_ENDPOINT`` or huggingface.co."""
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def offline_mode(offline: bool = False) -> bool:
-    """True when downloads are off: ``offline`` asked for, or ``HF_HUB_OFFLINE=1``."""
-    return offline or offline_by_environment() or constants.HF_HUB_OFFLINE
 
 
 def cached_files(entry: ModelEntry) -> tuple[Path | None, Path | None]:

@@ -7,7 +7,6 @@ Each option is an ``Annotated`` alias naming its flag, so a command declares
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
@@ -147,10 +146,9 @@ def model_refs(
 
 def is_offline(flag: bool) -> bool:
     """``--offline``, or offline by the environment as the downloader reads it."""
-    from vlmduo.offline import offline_by_environment
+    from vlmduo.offline import offline_mode
 
-    hub = sys.modules.get("vlmduo.hub")  # loaded already: its view (huggingface_hub's constants)
-    return hub.offline_mode(flag) if hub is not None else flag or offline_by_environment()
+    return offline_mode(flag)
 
 
 def name_list(text: str) -> list[str]:
