@@ -108,12 +108,8 @@ def read_image_bytes(
     path = _check_path(source, name)
     try:
         return path.read_bytes()
-    except PermissionError as exc:
-        raise ImageError(f"permission denied reading image: {name}") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"is a directory, not an image: {name}") from exc
     except OSError as exc:
-        raise ImageError(f"cannot read image {name}: {_one_line(exc.strerror or exc)}") from exc
+        raise _file_error(exc, name) from exc
 
 
 def decode_image_bytes(
@@ -183,17 +179,24 @@ def _megapixels(n: float) -> str:
     return f"{n / 1e6:.3g} MP"
 
 
+def _file_error(exc: OSError, name: str) -> ImageError:
+    """The one line for an image file that could not be opened or read."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError(f"image not found: {name}")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError(f"is a directory, not an image: {name}")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"permission denied reading image: {name}")
+    return ImageError(f"cannot read image {name}: {_one_line(exc.strerror or exc)}")
+
+
 def _check_path(source: str, name: str) -> Path:
     """Stat the path first so the common mistakes get a specific message."""
     path = Path(source).expanduser()
     try:
         st = path.stat()
-    except FileNotFoundError as exc:
-        raise ImageError(f"image not found: {name}") from exc
-    except PermissionError as exc:
-        raise ImageError(f"permission denied reading image: {name}") from exc
     except OSError as exc:
-        raise ImageError(f"cannot read image {name}: {_one_line(exc.strerror or exc)}") from exc
+        raise _file_error(exc, name) from exc
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"is a directory, not an image: {name}")
     # Only regular files: a FIFO such as <(curl ...) reports size 0 but has data.
@@ -307,12 +310,8 @@ def _decode(fp: Path | BinaryIO, name: str, max_pixels: int) -> tuple[int, int, 
                 return rgb.width, rgb.height, rgb.tobytes()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(_bomb_message(str(exc), name, max_pixels)) from exc
-        except FileNotFoundError as exc:
-            raise ImageError(f"image not found: {name}") from exc
-        except IsADirectoryError as exc:
-            raise ImageError(f"is a directory, not an image: {name}") from exc
-        except PermissionError as exc:
-            raise ImageError(f"permission denied reading image: {name}") from exc
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise _file_error(exc, name) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"not an image (or a format Pillow cannot read): {name}") from exc
         except MemoryError as exc:
