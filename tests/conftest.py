@@ -80,20 +80,25 @@ def image_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def isolated_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for CLI subprocesses: own config, caches, and no network."""
+def cli_env(root: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: config and caches under ``root``, and no network."""
     env = dict(os.environ)
     env.update(
-        VLMDUO_HOME=str(tmp_path / "home"),
-        VLMDUO_CACHE=str(tmp_path / "cache"),
-        HF_HOME=str(tmp_path / "hf"),
+        VLMDUO_HOME=str(root / "home"),
+        VLMDUO_CACHE=str(root / "cache"),
+        HF_HOME=str(root / "hf"),
         HF_HUB_OFFLINE="1",
         NO_COLOR="1",
         COLUMNS="120",
     )
     env.pop("VLMDUO_DEBUG", None)
     return env
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: own config, caches, and no network."""
+    return cli_env(tmp_path)
 
 
 def run_cli(

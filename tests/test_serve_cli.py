@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_after, run_cli
+from conftest import cli_env, interrupt_after, run_cli
 from PIL import Image
 
 from vlmduo.images import synthetic_image
@@ -28,18 +28,9 @@ CHOICE = "Which animal is it? A. cat B. dog C. bird D. fish"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("serve-env")
-    env = dict(os.environ)
-    env.update(
-        VLMDUO_HOME=str(root / "home"),
-        VLMDUO_CACHE=str(root / "cache"),
-        HF_HOME=str(root / "hf"),
-        HF_HUB_OFFLINE="1",
-        NO_COLOR="1",
-        COLUMNS="120",
-        VLMDUO_SERVER_WAIT="120",
-    )
-    for name in ("VLMDUO_DEBUG", "VLMDUO_NO_SERVER", "VLMDUO_API_KEY"):
+    env = cli_env(tmp_path_factory.mktemp("serve-env"))
+    env["VLMDUO_SERVER_WAIT"] = "120"
+    for name in ("VLMDUO_NO_SERVER", "VLMDUO_API_KEY"):
         env.pop(name, None)
     return env
 
