@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlmduo.engine import EngineSettings, VisionLanguageModel
@@ -35,6 +36,52 @@ def test_stream_yields_tokens_with_logprobs(small_model, image):
     assert session.times.get("decode") > 0.0
     elapsed = [e.elapsed_ms for e in events]
     assert elapsed == sorted(elapsed)
+
+
+def _stream_with_logits(session, n, **kwargs):
+    """Each streamed event beside the logits its token was sampled from."""
+    steps, logits = [], session.logits()
+    for event in session.stream(n, logprobs=True, **kwargs):
+        steps.append((event, logits))
+        logits = session.logits()
+    return steps
+
+
+def _log_softmax_at(logits, token, allowed=None):
+    import numpy as np
+
+    pool = logits.astype(np.float64) if allowed is None else logits.astype(np.float64)[allowed]
+    top = pool.max()
+    return float(logits[token]) - (top + float(np.log(np.exp(pool - top).sum())))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_the_raw_distribution_without_a_grammar(small_model, image, temperature):
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Describe it.", image=True), image)
+    steps = _stream_with_logits(session, 6, temperature=temperature, seed=4)
+    assert steps
+    for event, logits in steps:
+        assert event.logprob == pytest.approx(_log_softmax_at(logits, event.token), abs=2e-4)
+        # The model's input matters: the distribution is not uniform.
+        assert abs(event.logprob + float(np.log(small_model.n_vocab))) > 1e-2
+
+
+def test_logprobs_under_a_grammar_are_renormalised_over_what_it_allows(small_model, image):
+    # The tokens that are exactly one of the letters: all the grammar allows at first.
+    letters = [t for t in range(small_model.n_vocab) if small_model.piece(t) in (b"A", b"B", b"C", b"D")]
+    assert len(letters) >= 4  # byte-fallback tokens spell them too
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Which letter?", image=True), image)
+    steps = _stream_with_logits(session, 2, grammar='root ::= "A" | "B" | "C" | "D"')
+    ((event, logits),) = steps
+    assert event.token in letters
+    expected = _log_softmax_at(logits, event.token, allowed=letters)
+    assert event.logprob == pytest.approx(expected, abs=2e-4)
+    # Negative control: under the raw distribution the same token is far less likely.
+    assert _log_softmax_at(logits, event.token) < expected - 1.0
+    # Then the grammar allows only the end (the vocabulary's end-of-generation tokens).
+    assert -1e-3 < session.last.end_logprob <= 0.0
 
 
 def test_continuation_after_cached_prefix_matches_fresh_run(small_model, image):

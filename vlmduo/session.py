@@ -404,8 +404,8 @@ class Session:
         ctx = self._live()
         model = self.model
         cancel = cancel or self.cancel
-        constrained = _ConstrainedSampler(ctx, grammar, temperature, seed) if grammar and logprobs else None
-        sampler = None if constrained else _make_sampler(model, grammar, temperature, seed)
+        probe = _LogProbProbe() if logprobs else None
+        sampler = _make_sampler(model, grammar, temperature, seed, probe)
         stops = set(stop_tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         batch = ctx._batch
@@ -416,11 +416,8 @@ class Session:
                 if cancel is not None and cancel.is_set():
                     self.last.stop_reason = "cancelled"
                     break
-                if constrained is not None:
-                    token, lp = constrained.sample()
-                else:
-                    token = llama_cpp.llama_sampler_sample(sampler, ctx._ctx, -1)
-                    lp = _logprob(ctx, token) if logprobs else None
+                token = llama_cpp.llama_sampler_sample(sampler, ctx._ctx, -1)
+                lp = probe.logprob(ctx, token) if probe is not None else None
                 if model.is_eog(token):
                     self.last.stop_reason = "eog"
                     self.last.end_logprob = lp
@@ -445,10 +442,7 @@ class Session:
             elapsed = (time.perf_counter() - start) * 1000.0
             self.last.decode_ms = elapsed
             self.times.add(stage, elapsed)
-            if constrained is not None:
-                constrained.close()
-            else:
-                llama_cpp.llama_sampler_free(sampler)
+            llama_cpp.llama_sampler_free(sampler)  # and the probe's samplers, in its chain
 
     def generate(self, max_tokens: int, **kwargs: object) -> Generation:
         """Run ``stream`` to the end and return what it generated."""
@@ -481,7 +475,15 @@ def _grammar_sampler(model: VisionLanguageModel, grammar: str) -> object:
     return g
 
 
-def _make_sampler(model: VisionLanguageModel, grammar: str | None, temperature: float, seed: int) -> object:
+def _make_sampler(
+    model: VisionLanguageModel,
+    grammar: str | None,
+    temperature: float,
+    seed: int,
+    probe: _LogProbProbe | None = None,
+) -> object:
+    """One llama.cpp chain: [grammar], [the probe], selection; ``llama_sampler_sample``
+    runs it on the logits in C, so a step costs no Python work per vocabulary entry."""
     import llama_cpp
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -492,6 +494,8 @@ def _make_sampler(model: VisionLanguageModel, grammar: str | None, temperature: 
             llama_cpp.llama_sampler_free(chain)
             raise
         llama_cpp.llama_sampler_chain_add(chain, g)
+    if probe is not None:
+        probe.add_to(chain)
     _add_selection(chain, temperature, seed)
     return chain
 
@@ -509,52 +513,47 @@ def _add_selection(chain: object, temperature: float, seed: int) -> None:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
 
 
-class _ConstrainedSampler:
-    """Grammar-constrained sampling that also reports the constrained log-probability.
+class _LogProbProbe:
+    """Each sampled token's log-probability, read inside the sampler chain.
 
-    What ``llama_sampler_sample`` does with a [grammar, selection] chain, in
-    two steps over our own candidate array: the grammar masks the logits, the
-    log-probability is read from the masked (renormalised) distribution, then
-    the selection samplers pick. Used for short answers only (a few tokens).
+    Placed after the grammar (if any) and before selection: llama.cpp's ``dist``
+    sampler writes every candidate's normalised probability (0 for the tokens the
+    grammar masked), then a Python observer reads one candidate with p > 0, whose
+    logit and probability give the log-normaliser: log Z = logit - log p. A token's
+    log-probability is then its raw logit minus log Z, under the distribution the
+    token was sampled from (renormalised over what the grammar allows; a forced
+    token gets 0). The draw of ``dist`` is overridden by the selection after it.
     """
 
-    def __init__(self, ctx: Context, grammar: str, temperature: float, seed: int) -> None:
-        import llama_cpp
-        import numpy as np
-
-        self.ctx = ctx
-        self.grammar = _grammar_sampler(ctx.model, grammar)
-        self.select = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        _add_selection(self.select, temperature, seed)
-        n = ctx.model.n_vocab
-        self.ids = np.arange(n, dtype=np.int32)
-        self.cand = np.zeros(n, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-
-    def sample(self) -> tuple[int, float]:
-        """The next token and its log-probability among the tokens the grammar allows."""
-        import llama_cpp
-        import numpy as np
-
-        cand = self.cand
-        cand["id"], cand["logit"], cand["p"] = self.ids, _logits(self.ctx), 0.0
-        data = cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
-        cur = llama_cpp.llama_token_data_array(data=data, size=len(cand), selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-        masked = cand["logit"].copy()  # in id order: neither sampler has reordered yet
-        llama_cpp.llama_sampler_apply(self.select, ctypes.byref(cur))
-        token = int(cand["id"][cur.selected])
-        llama_cpp.llama_sampler_accept(self.grammar, token)
-        llama_cpp.llama_sampler_accept(self.select, token)
-        allowed = masked[np.isfinite(masked)]
-        top = float(allowed.max())
-        return token, float(masked[token]) - (top + float(np.log(np.exp(allowed - top).sum())))
-
-    def close(self) -> None:
-        """Free both samplers."""
+    def __init__(self) -> None:
         import llama_cpp
 
-        llama_cpp.llama_sampler_free(self.grammar)
-        llama_cpp.llama_sampler_free(self.select)
+        self.log_z = math.nan
+        # Kept on self: llama.cpp holds pointers to the callback and the interface.
+        self._apply = llama_cpp.llama_sampler_i_apply(self._observe)
+        self._iface = llama_cpp.llama_sampler_i(apply=self._apply)
+
+    def add_to(self, chain: object) -> None:
+        """Append the probe's two samplers to ``chain`` (which then owns and frees them)."""
+        import llama_cpp
+
+        observer = llama_cpp.llama_sampler_init(ctypes.byref(self._iface), None)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(0))
+        llama_cpp.llama_sampler_chain_add(chain, observer)
+
+    def _observe(self, _sampler: object, cur_p: object) -> None:
+        cur = cur_p.contents  # type: ignore[attr-defined]
+        entry = cur.data[cur.selected] if cur.selected >= 0 else None
+        if entry is None or entry.p <= 0.0:
+            # dist drew a zero-probability candidate only if its random number was 0.
+            entry = next(cur.data[i] for i in range(cur.size) if cur.data[i].p > 0.0)
+        self.log_z = entry.logit - math.log(entry.p)
+
+    def logprob(self, ctx: Context, token: int) -> float:
+        """log p(``token``) at the step just sampled."""
+        import llama_cpp
+
+        return float(llama_cpp.llama_get_logits_ith(ctx._ctx, -1)[token]) - self.log_z
 
 
 def _logits(ctx: Context) -> np.ndarray:
@@ -563,13 +562,3 @@ def _logits(ctx: Context) -> np.ndarray:
 
     ptr = llama_cpp.llama_get_logits_ith(ctx._ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(ctx.model.n_vocab,))
-
-
-def _logprob(ctx: Context, token: int) -> float:
-    """log p(token) under the model's raw next-token distribution (before any grammar)."""
-    import numpy as np
-
-    logits = _logits(ctx)
-    top = float(logits.max())
-    lse = top + float(np.log(np.exp(logits - top).sum()))
-    return float(logits[token]) - lse
