@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         # Accepted anywhere on the line, like VLMDUO_DEBUG=1: tracebacks on.
         os.environ["VLMDUO_DEBUG"] = "1"
         args = [a for a in args if a != "--debug"]
+    from vlmduo import bindings
     from vlmduo.cli.main import flush_and_exit
 
+    # This process is ours: llama-cpp-python's high-level API (numpy, jinja2...) is
+    # imported only if something asks for it.
+    bindings.import_bindings_only()
     code = run_command(args)
     # Leave without the interpreter's teardown: freeing loaded models and every module
     # one object at a time takes 50-60 ms after the answer is out, and the OS reclaims
