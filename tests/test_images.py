@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from vlmduo.errors import ImageError
-from vlmduo.images import USER_AGENT, LoadedImage, load_image, synthetic_image
+from vlmduo.image_url import USER_AGENT
+from vlmduo.images import LoadedImage, load_image, synthetic_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
