@@ -11,7 +11,10 @@ question and the marker; otherwise the same text goes in as one text part.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import os
 from datetime import datetime
 from typing import Any
 
@@ -31,25 +34,62 @@ def _raise(message: str) -> None:
     raise ValueError(message)
 
 
-def _environment() -> Any:
+# Hugging Face renders chat templates with these options and loopcontrols
+# ({% break %}/{% continue %}), which some published templates use.
+_OPTIONS: dict[str, Any] = {
+    "trim_blocks": True,
+    "lstrip_blocks": True,
+    "extensions": ["jinja2.ext.loopcontrols"],
+}
+
+
+def _environment(source: str) -> Any:
+    """A sandboxed environment whose one template is ``source``, compiled code cached
+    on disk by jinja2 (keyed by the source's checksum)."""
+    import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    # Hugging Face renders chat templates with these options and loopcontrols
-    # ({% break %}/{% continue %}), which some published templates use.
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        **_OPTIONS,
+        loader=jinja2.FunctionLoader(lambda _name: (source, None, lambda: True)),
+        bytecode_cache=_bytecode_cache(),
+        auto_reload=False,
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
+@functools.cache
+def _bytecode_cache() -> Any:
+    """jinja2's file cache of compiled templates in ``<vlmduo cache>/jinja``, or None
+    where that cannot be made. Compiling a published template takes 20-60 ms, paid by
+    every ``vlmduo ask`` process; loading its cached code takes under 1 ms."""
+    import jinja2
+
+    from vlmduo.serve.address import cache_dir
+
+    class QuietCache(jinja2.FileSystemBytecodeCache):
+        def dump_bytecode(self, bucket: Any) -> None:
+            with contextlib.suppress(OSError):  # a full or read-only disk costs only speed
+                super().dump_bytecode(bucket)
+
+    directory = os.path.join(cache_dir(), "jinja")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return QuietCache(directory)
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(template: str) -> Any:
-    """The compiled template, once per text: compiling a published template took
-    ~57 ms, paid on every prompt before (a compiled template renders from any thread)."""
+    """The compiled template, once per text and process (a compiled template renders
+    from any thread)."""
+    # The cache key holds the options too: they change the compiled code.
+    name = hashlib.sha256(repr(sorted(_OPTIONS.items())).encode() + template.encode()).hexdigest()
     try:
-        return _environment().from_string(template)
+        return _environment(template).get_template(name)
     except Exception as exc:
         raise ModelError(f"the model's chat template does not parse: {exc}") from exc
 

@@ -1,0 +1,58 @@
+"""Chat templates: compiled code cached on disk, so a process does not compile again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlmduo import chat
+
+TEMPLATES = Path(chat.__file__).parent / "fixtures" / "templates"
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A new process's view: no compiled template in memory, the cache under tmp_path."""
+    monkeypatch.setenv("VLMDUO_CACHE", str(tmp_path / "cache"))
+    chat._compile.cache_clear()
+    chat._bytecode_cache.cache_clear()
+    yield tmp_path / "cache" / "jinja"
+    chat._compile.cache_clear()
+    chat._bytecode_cache.cache_clear()
+
+
+def _refuse_to_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jinja2
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(jinja2.Environment, "compile", refuse)
+
+
+def test_a_second_process_loads_the_compiled_template(fresh_cache, monkeypatch):
+    template = (TEMPLATES / "qwen3-vl-instruct.jinja").read_text()
+    first = chat.render(template, "How many cats?", media_marker="<__media__>")
+    assert len(list(fresh_cache.iterdir())) == 1
+
+    chat._compile.cache_clear()  # as in the next process
+    _refuse_to_compile(monkeypatch)
+    assert chat.render(template, "How many cats?", media_marker="<__media__>") == first
+    # Negative control: another template is not in the cache, so it must compile.
+    with pytest.raises(Exception, match="compiled"):
+        chat.render(template + " ", "How many cats?")
+
+
+def test_an_unwritable_cache_costs_only_speed(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("VLMDUO_CACHE", str(blocker))
+    chat._compile.cache_clear()
+    chat._bytecode_cache.cache_clear()
+    try:
+        out = chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
+        assert "What is it?" in out and "<image>" in out
+    finally:
+        chat._compile.cache_clear()
+        chat._bytecode_cache.cache_clear()
