@@ -168,9 +168,14 @@ def vlmduo_ask(model: tuple[str, str], image: str, args: argparse.Namespace, *ex
 
 
 def mtmd_cli(model: tuple[str, str], image: str, args: argparse.Namespace, n: int, *extra: str) -> list[str]:
+    """llama-mtmd-cli on the same user text as vlmduo's: the question and the one-line
+    answer instruction vlmduo adds (same template, so both prefill the same tokens)."""
+    from vlmduo.answers import answer_instruction
+
+    prompt = f"{QUESTION}\n{answer_instruction('choice')}"
     return [
         str(Path(args.bin) / "llama-mtmd-cli"), "-m", model[0], "--mmproj", model[1], "--image", image,
-        "-p", QUESTION, "-n", str(n), "--temp", "0", "-t", str(args.threads), "-c", "4096", *extra,
+        "-p", prompt, "-n", str(n), "--temp", "0", "-t", str(args.threads), "-c", "4096", *extra,
     ]  # fmt: skip
 
 

@@ -203,6 +203,21 @@ def test_doctor_threading_policy_line(info, env, expected):
     assert expected in line and "splits the" in line
 
 
+@pytest.mark.parametrize("mode", ["duo", "large"])
+def test_an_ask_process_imports_only_what_it_uses(image_file, model_args, isolated_env, mode):
+    # The start-up work of issue 9, held without a timing threshold: llama-cpp-python's
+    # high-level API (and numpy) costs about 110 ms, urllib 15 ms (for URLs only).
+    args = ["ask", str(image_file), "Which? A. cat B. dog", *model_args, "--mode", mode, "-q"]
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vlmduo", *args], env=isolated_env, capture_output=True
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.decode().splitlines() if "|" in line}
+    assert "vlmduo.engine" in imported and "jinja2" in imported  # the probe sees imports
+    unused = {"numpy", "llama_cpp.llama", "llama_cpp.llama_chat_format", "urllib.request", "http.client"}
+    assert not imported & unused
+
+
 def test_importing_vlmduo_leaves_the_environment_alone(isolated_env):
     # A library must not change its host's process state at import.
     code = (
