@@ -24,7 +24,10 @@ Parts:
   duo      a whole ``vlmduo ask`` duo process (policy always: the small model reasons M
            tokens, the large answers, a transfer) against ``llama-mtmd-cli`` with the
            large model generating M tokens (--ignore-eos), beside the two models'
-           per-token cost ratio from ``llama-bench -p 0 -n 64``
+           per-token cost ratio from ``llama-bench -p 0 -n 64``; and beside what any duo
+           must do, as llama.cpp's own runs back to back: the large model's image and
+           prompt (``llama-mtmd-cli -n 1``) and the small model's M tokens (its own
+           ``llama-mtmd-cli -n M``)
 Models are Qwen3-VL-shaped random-weight fixtures (F16), built into the vlmduo cache.
 """
 
@@ -211,17 +214,32 @@ def part_duo(args: argparse.Namespace) -> None:
         f"duo: per-token cost (llama-bench tg64) small {costs['small']:.2f} ms, "
         f"large {costs['large']:.2f} ms, ratio {cost_ratio:.1f}x"
     )
+    # What no duo can avoid: the large model's image and prompt (llama.cpp's own run with a
+    # one-token answer) and the small model's image, prompt and M tokens (its own M-token run).
+    answer_only = mtmd_cli(large, image, args, 1)
     for m in args.reasoning:
         ours = vlmduo_ask(large, image, args, "--small", small[0], "--small-mmproj", small[1])
         ours += ["--policy", "always", "--think-budget", str(m), "--ctx", "4096"]
         theirs = mtmd_cli(large, image, args, m, "--ignore-eos")
+        small_alone = mtmd_cli(small, image, args, m, "--ignore-eos")
         runs = interleave(
-            {"duo": lambda ours=ours: wall(ours), "mtmd": lambda theirs=theirs: wall(theirs)}, args.reps
+            {
+                "duo": lambda ours=ours: wall(ours),
+                "mtmd": lambda theirs=theirs: wall(theirs),
+                "large -n 1": lambda: wall(answer_only),
+                "small": lambda small_alone=small_alone: wall(small_alone),
+            },
+            args.reps,
         )
-        speedup = ratio(runs["mtmd"], runs["duo"])
+        median = {name: statistics.median(values) for name, values in runs.items()}
+        floor = median["large -n 1"] + median["small"]
         print(
             f"  M={m:<5} vlmduo duo process {fmt(runs['duo'])}   llama-mtmd-cli large, {m} tokens "
-            f"{fmt(runs['mtmd'])}   speedup {speedup}  (target >= {cost_ratio / 2:.1f})"
+            f"{fmt(runs['mtmd'])}\n"
+            f"           speedup {ratio(runs['mtmd'], runs['duo'])}  (target >= {cost_ratio / 2:.1f})\n"
+            f"           llama-mtmd-cli's own runs back to back, large -n 1 ({median['large -n 1']:.0f} ms) "
+            f"and small -n {m} ({median['small']:.0f} ms): {floor:.0f} ms, a speedup of "
+            f"{median['mtmd'] / floor:.2f}; the duo process takes {median['duo'] / floor:.2f}x that"
         )
 
 
