@@ -38,33 +38,53 @@ def import_bindings_only() -> None:
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return
     package = importlib.util.module_from_spec(spec)
-    package.__getattr__ = _on_first_use(package)  # type: ignore[attr-defined]
+    package.__getattr__ = _DeferredInit(package)  # type: ignore[attr-defined]
     sys.modules[PACKAGE] = package
 
 
-def _on_first_use(package: ModuleType):  # noqa: ANN202 - a module __getattr__
-    """A PEP 562 ``__getattr__`` for the package: the first name read binds what
-    ``from .llama_cpp import *`` (the first line of its ``__init__``) binds; a name the
-    bindings do not define runs the whole ``__init__`` once."""
-    state = {"bindings": False}
+class _DeferredInit:
+    """The package's PEP 562 ``__getattr__`` while its ``__init__`` waits: the first
+    name read binds what ``from .llama_cpp import *`` (the ``__init__``'s first line)
+    binds; a name the bindings do not define runs the whole ``__init__`` once, while
+    other threads wait for it."""
 
-    def __getattr__(name: str) -> object:
+    def __init__(self, package: ModuleType) -> None:
+        self.package = package
+        self.bindings_bound = False
+        self.complete = False
+        self.runner: int | None = None  # the thread running the package's __init__
+
+    def __call__(self, name: str) -> object:
+        # A submodule imported directly (``from llama_cpp.llama import Llama``) is
+        # read from the package before it is bound there (``llama_chat_format`` does
+        # ``import llama_cpp.llama``): answer from sys.modules, as the import system
+        # would, and never run the __init__ for it from inside that import.
+        submodule = sys.modules.get(f"{PACKAGE}.{name}")
+        if submodule is not None:
+            return submodule
+        namespace = self.package.__dict__
         with _loading:
-            if not state["bindings"]:
+            if self.runner == threading.get_ident():
+                # The __init__ itself reading a name it has not bound yet.
+                raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
+            if not self.bindings_bound:
                 bindings = importlib.import_module(f"{PACKAGE}.llama_cpp")
                 # What ``from .llama_cpp import *`` binds (the module has no ``__all__``).
-                public = {k: v for k, v in vars(bindings).items() if not k.startswith("_")}
-                package.__dict__.update(public)
-                state["bindings"] = True
-            if name not in package.__dict__ and package.__dict__.pop("__getattr__", None) is not None:
-                try:
-                    package.__spec__.loader.exec_module(package)  # type: ignore[union-attr]
-                except BaseException:
-                    package.__getattr__ = __getattr__  # type: ignore[attr-defined]  # fail again next time
-                    raise
+                namespace.update({k: v for k, v in vars(bindings).items() if not k.startswith("_")})
+                self.bindings_bound = True
+            if name not in namespace and not self.complete:
+                self._run_init()
         try:
-            return package.__dict__[name]
+            return namespace[name]
         except KeyError:
             raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}") from None
 
-    return __getattr__
+    def _run_init(self) -> None:
+        """The package's own ``__init__``, once; a failure is raised again next time."""
+        self.runner = threading.get_ident()
+        try:
+            self.package.__spec__.loader.exec_module(self.package)  # type: ignore[union-attr]
+            self.complete = True
+            self.package.__dict__.pop("__getattr__", None)
+        finally:
+            self.runner = None
