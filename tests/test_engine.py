@@ -84,6 +84,37 @@ def test_logprobs_under_a_grammar_are_renormalised_over_what_it_allows(small_mod
     assert -1e-3 < session.last.end_logprob <= 0.0
 
 
+def test_an_interrupt_inside_the_probe_is_not_lost(small_model, image, monkeypatch):
+    # The probe runs as a ctypes callback, which would print and drop a Ctrl-C
+    # raised in it, then report the previous step's probability.
+    import math
+
+    from vlmduo import session as session_module
+
+    class InterruptOnThirdLog:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(math, name)
+
+        def log(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return math.log(x)
+
+    session = small_model.session()
+    session.prefill(small_model.render_prompt("Describe it.", image=True), image)
+    monkeypatch.setattr(session_module, "math", InterruptOnThirdLog())
+    with pytest.raises(KeyboardInterrupt):
+        session.generate(6, logprobs=True)
+    assert len(session.last.logprobs) == 2  # two steps were reported, the third raised
+    monkeypatch.undo()
+    session = small_model.session()  # the model stays usable
+    session.prefill(small_model.render_prompt("Describe it.", image=True), image)
+    assert len(session.generate(6, logprobs=True).logprobs) > 2
+
+
 def test_continuation_after_cached_prefix_matches_fresh_run(small_model, image):
     prompt = small_model.render_prompt("What is in the picture?", image=True)
     suffix = "The picture shows two red cars and a tree. So"

@@ -520,15 +520,19 @@ class _LogProbProbe:
     sampler writes every candidate's normalised probability (0 for the tokens the
     grammar masked), then a Python observer reads one candidate with p > 0, whose
     logit and probability give the log-normaliser: log Z = logit - log p. A token's
-    log-probability is then its raw logit minus log Z, under the distribution the
-    token was sampled from (renormalised over what the grammar allows; a forced
-    token gets 0). The draw of ``dist`` is overridden by the selection after it.
+    log-probability is then its raw logit minus log Z: under the model's distribution
+    at temperature 1, renormalised over what the grammar allows (a forced token gets
+    0), whatever temperature and truncation the selection after it uses. The draw of
+    ``dist`` is overridden by that selection.
     """
 
     def __init__(self) -> None:
         import llama_cpp
 
         self.log_z = math.nan
+        # ctypes prints and drops what a callback raises (Ctrl-C included): kept here
+        # and raised by ``logprob`` on the sampling thread.
+        self.error: BaseException | None = None
         # Kept on self: llama.cpp holds pointers to the callback and the interface.
         self._apply = llama_cpp.llama_sampler_i_apply(self._observe)
         self._iface = llama_cpp.llama_sampler_i(apply=self._apply)
@@ -542,18 +546,27 @@ class _LogProbProbe:
         llama_cpp.llama_sampler_chain_add(chain, observer)
 
     def _observe(self, _sampler: object, cur_p: object) -> None:
-        cur = cur_p.contents  # type: ignore[attr-defined]
-        entry = cur.data[cur.selected] if cur.selected >= 0 else None
-        if entry is None or entry.p <= 0.0:
-            # dist drew a zero-probability candidate only if its random number was 0.
-            entry = next(cur.data[i] for i in range(cur.size) if cur.data[i].p > 0.0)
-        self.log_z = entry.logit - math.log(entry.p)
+        try:
+            cur = cur_p.contents  # type: ignore[attr-defined]
+            entry = cur.data[cur.selected] if cur.selected >= 0 else None
+            if entry is None or not entry.p > 0.0:
+                # dist drew a zero-probability candidate only if its random number was 0.
+                entry = next(cur.data[i] for i in range(cur.size) if cur.data[i].p > 0.0)
+            self.log_z = entry.logit - math.log(entry.p)
+        except BaseException as exc:  # noqa: BLE001 - raised again by logprob
+            self.error = exc
 
     def logprob(self, ctx: Context, token: int) -> float:
-        """log p(``token``) at the step just sampled."""
+        """log p(``token``) at the step just sampled (each step's log Z is used once)."""
         import llama_cpp
 
-        return float(llama_cpp.llama_get_logits_ith(ctx._ctx, -1)[token]) - self.log_z
+        log_z, self.log_z = self.log_z, math.nan
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        if math.isnan(log_z):
+            raise EngineError("llama.cpp's sampler chain did not report a probability")
+        return float(llama_cpp.llama_get_logits_ith(ctx._ctx, -1)[token]) - log_z
 
 
 def _logits(ctx: Context) -> np.ndarray:
