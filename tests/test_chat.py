@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlmduo import chat
+from vlmduo.errors import ModelError
 
 TEMPLATES = Path(chat.__file__).parent / "fixtures" / "templates"
 
@@ -56,3 +57,23 @@ def test_an_unwritable_cache_costs_only_speed(monkeypatch, tmp_path):
     finally:
         chat._compile.cache_clear()
         chat._bytecode_cache.cache_clear()
+
+
+def test_a_cache_folder_others_can_write_is_not_used(fresh_cache):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(0o777)  # cached code is run: never from here
+    out = chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
+    assert "What is it?" in out
+    assert list(fresh_cache.iterdir()) == []
+    # Negative control: the same folder, private, is used.
+    fresh_cache.chmod(0o700)
+    chat._compile.cache_clear()
+    chat._bytecode_cache.cache_clear()
+    chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
+    assert len(list(fresh_cache.iterdir())) == 1
+
+
+def test_a_template_cannot_include_another(fresh_cache):
+    # A GGUF's template is untrusted text: it names no other file that can be read.
+    with pytest.raises(ModelError, match="failed to render: other$"):  # jinja2: not found
+        chat.render('{% include "other" %}{{ messages[0].content }}', "What is it?")

@@ -43,15 +43,16 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
-def _environment(source: str) -> Any:
-    """A sandboxed environment whose one template is ``source``, compiled code cached
-    on disk by jinja2 (keyed by the source's checksum)."""
+def _environment(name: str, source: str) -> Any:
+    """A sandboxed environment whose one template, ``name``, is ``source``; its compiled
+    code cached on disk by jinja2 (which also checks the source's checksum). A template
+    that includes or extends another gets jinja2's "not found", as with no loader."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(
         **_OPTIONS,
-        loader=jinja2.FunctionLoader(lambda _name: (source, None, lambda: True)),
+        loader=jinja2.FunctionLoader(lambda asked: (source, None, lambda: True) if asked == name else None),
         bytecode_cache=_bytecode_cache(),
         auto_reload=False,
     )
@@ -77,19 +78,30 @@ def _bytecode_cache() -> Any:
     directory = os.path.join(cache_dir(), "jinja")
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _private(os.stat(directory)):
+            return None  # cached code is run: never from a folder others can write
     except OSError:
         return None
     return QuietCache(directory)
+
+
+def _private(st: os.stat_result) -> bool:
+    """True for a folder this user owns that nobody else can write to."""
+    owner = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return owner and not st.st_mode & 0o022
 
 
 @functools.lru_cache(maxsize=32)
 def _compile(template: str) -> Any:
     """The compiled template, once per text and process (a compiled template renders
     from any thread)."""
-    # The cache key holds the options too: they change the compiled code.
-    name = hashlib.sha256(repr(sorted(_OPTIONS.items())).encode() + template.encode()).hexdigest()
+    import jinja2
+
+    # The key holds what changes the compiled code beside the text: options, version.
+    salt = f"{jinja2.__version__} {sorted(_OPTIONS.items())!r}\n"
+    name = hashlib.sha256(salt.encode() + template.encode()).hexdigest()
     try:
-        return _environment(template).get_template(name)
+        return _environment(name, template).get_template(name)
     except Exception as exc:
         raise ModelError(f"the model's chat template does not parse: {exc}") from exc
 
