@@ -103,7 +103,7 @@ def _click_command(name: str | None = None) -> Any:
     ``ask`` alone, paid by every process (and a server runs a command per thin-client
     ask). Anything else (``--help``, a typo) gets the whole app.
     """
-    only = [info for info in app.registered_commands if name is not None and info.name == name]
+    only = [info for info in app.registered_commands if info.name == name]
     if not only:
         return typer.main.get_command(app)
     one = copy.copy(app)  # the same settings and root callback
@@ -122,7 +122,8 @@ def run_command(args: list[str]) -> int:
     from vlmduo.cli.errors import is_usage_error, report, report_usage
 
     try:
-        command = _click_command(args[0] if args else None)
+        known = {info.name for info in app.registered_commands}
+        command = _click_command(args[0] if args and args[0] in known else None)
         code = command.main(args=args, prog_name="vlmduo", standalone_mode=False)
     except typer.Abort:
         code = report(KeyboardInterrupt())
