@@ -12,15 +12,19 @@ from vlmduo.errors import ModelError
 TEMPLATES = Path(chat.__file__).parent / "fixtures" / "templates"
 
 
+def _new_process() -> None:
+    """Forget what this process compiled and which cache folder it chose."""
+    chat._compile.cache_clear()
+    chat._bytecode_cache.cache_clear()
+
+
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A new process's view: no compiled template in memory, the cache under tmp_path."""
     monkeypatch.setenv("VLMDUO_CACHE", str(tmp_path / "cache"))
-    chat._compile.cache_clear()
-    chat._bytecode_cache.cache_clear()
+    _new_process()
     yield tmp_path / "cache" / "jinja"
-    chat._compile.cache_clear()
-    chat._bytecode_cache.cache_clear()
+    _new_process()
 
 
 def _refuse_to_compile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,18 +49,12 @@ def test_a_second_process_loads_the_compiled_template(fresh_cache, monkeypatch):
         chat.render(template + " ", "How many cats?")
 
 
-def test_an_unwritable_cache_costs_only_speed(monkeypatch, tmp_path):
+def test_an_unwritable_cache_costs_only_speed(fresh_cache, monkeypatch, tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("VLMDUO_CACHE", str(blocker))
-    chat._compile.cache_clear()
-    chat._bytecode_cache.cache_clear()
-    try:
-        out = chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
-        assert "What is it?" in out and "<image>" in out
-    finally:
-        chat._compile.cache_clear()
-        chat._bytecode_cache.cache_clear()
+    out = chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
+    assert "What is it?" in out and "<image>" in out
 
 
 def test_a_cache_folder_others_can_write_is_not_used(fresh_cache):
@@ -67,8 +65,7 @@ def test_a_cache_folder_others_can_write_is_not_used(fresh_cache):
     assert list(fresh_cache.iterdir()) == []
     # Negative control: the same folder, private, is used.
     fresh_cache.chmod(0o700)
-    chat._compile.cache_clear()
-    chat._bytecode_cache.cache_clear()
+    _new_process()
     chat.render((TEMPLATES / "smolvlm2.jinja").read_text(), "What is it?", media_marker="<image>")
     assert len(list(fresh_cache.iterdir())) == 1
 
