@@ -1,7 +1,7 @@
 """Decode overhead of vlmduo's engine vs llama-cpp-python's bare low-level loop (issue 2, "Speed").
 
 What is measured, on synthetic GGUF models built into the vlmduo cache
-(``vlmduo.synthetic.ensure_built``, nothing is downloaded):
+(``vlmduo.models.synthetic.ensure_built``, nothing is downloaded):
 
 * ``baseline``: the minimal loop a C program would run, written against
   llama-cpp-python's low-level bindings: ``llama_sampler_sample`` with a greedy
@@ -58,11 +58,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vlmduo import api, synthetic  # noqa: E402
-from vlmduo.agents import Agent  # noqa: E402
-from vlmduo.engine import EngineSettings, Session, VisionLanguageModel  # noqa: E402
-from vlmduo.images import synthetic_image  # noqa: E402
-from vlmduo.pipeline import AskOptions, ask, make_question  # noqa: E402
+from vlmduo import api  # noqa: E402
+from vlmduo.agents.local import Agent  # noqa: E402
+from vlmduo.duo.pipeline import AskOptions, ask, make_question  # noqa: E402
+from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.session import Session
+from vlmduo.engine.settings import EngineSettings  # noqa: E402
+from vlmduo.media.images import synthetic_image  # noqa: E402
+from vlmduo.models import synthetic
 
 # Tiny: SyntheticSpec defaults. Larger: 1024 wide, 8 layers. synthetic.vocabulary()
 # has duplicate pieces past index 2294 (llama.cpp aborts on such a vocabulary), so

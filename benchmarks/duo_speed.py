@@ -1,6 +1,6 @@
 """Speed of the duo pipeline on a synthetic small/large pair (issue 3, "Speed").
 
-The pair is built into the vlmduo cache with ``vlmduo.synthetic.ensure_built``
+The pair is built into the vlmduo cache with ``vlmduo.models.synthetic.ensure_built``
 (nothing is downloaded): small n_embd=256 n_layer=4, large n_embd=1024 n_layer=8,
 same vocabulary, so the large model costs many times more per token.
 
@@ -59,11 +59,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vlmduo import api, synthetic  # noqa: E402
-from vlmduo.agents import Agent, Question  # noqa: E402
-from vlmduo.engine import EngineSettings, VisionLanguageModel  # noqa: E402
-from vlmduo.images import LoadedImage, synthetic_image  # noqa: E402
-from vlmduo.pipeline import AskOptions, AskResult, ask, make_question  # noqa: E402
+from vlmduo import api  # noqa: E402
+from vlmduo.agents.base import Question
+from vlmduo.agents.local import Agent  # noqa: E402
+from vlmduo.duo.pipeline import AskOptions, AskResult, ask, make_question  # noqa: E402
+from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.settings import EngineSettings  # noqa: E402
+from vlmduo.media.images import LoadedImage, synthetic_image  # noqa: E402
+from vlmduo.models import synthetic
 
 # Same vocabulary for both (synthetic.vocabulary() repeats pieces past index
 # 2294, which llama.cpp refuses, so 2048 rather than a real model's 32k+).

@@ -66,7 +66,7 @@ def timed(*args: str, env: dict[str, str]) -> float:
 def write_image(folder: Path, width: int, height: int, seed: int) -> Path:
     from PIL import Image
 
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     img = synthetic_image(width, height, seed=seed)
     path = folder / f"img-{width}x{height}-{seed}.png"
@@ -87,7 +87,7 @@ def in_process(image: Path, asks: int, think_budget: int, threads: int | None) -
     """Load once, then ``asks`` answers in this process; (load s, per-ask s)."""
     from vlmduo import api
     from vlmduo.cli import options as opt
-    from vlmduo.pipeline import AskOptions
+    from vlmduo.duo.pipeline import AskOptions
 
     options = AskOptions(think_budget=think_budget)
     settings = opt.engine_settings(
@@ -116,7 +116,7 @@ def in_process(image: Path, asks: int, think_budget: int, threads: int | None) -
 
 def image_cap(think_budget: int) -> int:
     """One image cap for server, asks and this process (it follows the budgets otherwise)."""
-    from vlmduo.pipeline import AskOptions
+    from vlmduo.duo.pipeline import AskOptions
 
     return AskOptions(think_budget=think_budget).image_token_budget(4096)
 
@@ -192,7 +192,7 @@ KINDS = (
 def _png(width: int, height: int, seed: int) -> bytes:
     from PIL import Image
 
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     img = synthetic_image(width, height, seed=seed)
     out = io.BytesIO()

@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlmduo import api  # noqa: E402
-from vlmduo.engine import EngineSettings  # noqa: E402
+from vlmduo.duo.pipeline import AskOptions  # noqa: E402
+from vlmduo.engine.settings import EngineSettings  # noqa: E402
 from vlmduo.errors import Cancelled, ContextOverflowError, UsageError  # noqa: E402
-from vlmduo.images import synthetic_image  # noqa: E402
-from vlmduo.pipeline import AskOptions  # noqa: E402
+from vlmduo.media.images import synthetic_image  # noqa: E402
 
 CHOICE = "Which shape is shown? A. circle B. square C. triangle D. star"
 CONFIGS = [

@@ -62,8 +62,9 @@ QUESTION = "Is there a cat in the picture?"
 
 
 def _model(name: str, params: dict, n_threads: int):
-    from vlmduo import synthetic
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
+    from vlmduo.models import synthetic
 
     model, mmproj = synthetic.ensure_built(name, params)
     return VisionLanguageModel(model, mmproj, EngineSettings(n_ctx=2048, n_threads=n_threads), name=name)
@@ -89,7 +90,7 @@ def thin_loop(context, n_tokens: int) -> float:
 
 def child_decode(n_tokens: int, threads: list[int]) -> dict:
     """Thin loop vs vlmduo stream, per thread count, three interleaved runs each."""
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     model = _model("bench-large", LARGE, max(threads))
     image = synthetic_image(128, 96, seed=3)
@@ -115,9 +116,9 @@ def child_decode(n_tokens: int, threads: list[int]) -> dict:
 
 def child_duo(budget: int) -> dict:
     """Stage 1 of a duo ask, concurrent and sequential, three interleaved runs each."""
-    from vlmduo.agents import Agent
-    from vlmduo.images import synthetic_image
-    from vlmduo.pipeline import AskOptions, ask, make_question
+    from vlmduo.agents.local import Agent
+    from vlmduo.duo.pipeline import AskOptions, ask, make_question
+    from vlmduo.media.images import synthetic_image
 
     cores = os.cpu_count() or 1
     small = Agent(_model("bench-small", SMALL, cores), thinking=True)

@@ -65,7 +65,8 @@ import sys, time
 mode, model, mmproj, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 import llama_cpp, llama_cpp.mtmd_cpp as mtmd
 if mode == "vlmduo":
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
+    from vlmduo.engine.model import VisionLanguageModel
     t = time.perf_counter()
     VisionLanguageModel(model, mmproj, EngineSettings(n_ctx=4096, n_threads=threads))
 else:
@@ -84,7 +85,7 @@ print((time.perf_counter() - t) * 1000.0)
 
 
 def build(name: str) -> tuple[str, str]:
-    from vlmduo import synthetic
+    from vlmduo.models import synthetic
 
     model, mmproj = synthetic.ensure_built(f"bench-{name}", SHAPES[name])
     return str(model), str(mmproj)
@@ -93,7 +94,7 @@ def build(name: str) -> tuple[str, str]:
 def image_file() -> str:
     from PIL import Image
 
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     path = Path("/tmp/vlmduo-bench-image.png")
     img = synthetic_image(640, 480, seed=7)
@@ -173,7 +174,7 @@ def vlmduo_ask(model: tuple[str, str], image: str, args: argparse.Namespace, *ex
 def mtmd_cli(model: tuple[str, str], image: str, args: argparse.Namespace, n: int, *extra: str) -> list[str]:
     """llama-mtmd-cli on the same user text as vlmduo's: the question and the one-line
     answer instruction vlmduo adds (same template, so both prefill the same tokens)."""
-    from vlmduo.answers import answer_instruction
+    from vlmduo.answers.formats import answer_instruction
 
     prompt = f"{QUESTION}\n{answer_instruction('choice')}"
     return [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmduo.synthetic import SyntheticSpec, build
+from vlmduo.models.synthetic import SyntheticSpec, build
 
 SMALL = SyntheticSpec(n_vocab=512, n_embd=128, n_layer=2, n_ff=256, n_head=4, n_head_kv=2, seed=1)
 # Several times the small model's cost per token, as the duo pipeline assumes.
@@ -45,7 +45,8 @@ def large_files(model_dir: Path) -> BuiltModel:
 
 @pytest.fixture(scope="session")
 def small_model(small_files: BuiltModel):
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
 
     return VisionLanguageModel(
         small_files.model, small_files.mmproj, EngineSettings(n_ctx=4096), name="test-small"
@@ -54,7 +55,8 @@ def small_model(small_files: BuiltModel):
 
 @pytest.fixture(scope="session")
 def large_model(large_files: BuiltModel):
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
 
     return VisionLanguageModel(
         large_files.model, large_files.mmproj, EngineSettings(n_ctx=4096), name="test-large"
@@ -63,7 +65,7 @@ def large_model(large_files: BuiltModel):
 
 @pytest.fixture
 def image():
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     return synthetic_image(96, 72, seed=3)
 
@@ -72,7 +74,7 @@ def image():
 def image_file(tmp_path: Path) -> Path:
     from PIL import Image
 
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     img = synthetic_image(96, 72, seed=3)
     path = tmp_path / "photo.png"

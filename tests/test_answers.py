@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlmduo.answers import (
-    FORMATS,
-    answer_instruction,
-    answers_agree,
-    extract_answer,
-    infer_format,
-    normalize,
-    parse_options,
-    resolve_format,
-)
+from vlmduo.answers.agree import answers_agree, normalize
+from vlmduo.answers.extract import extract_answer
+from vlmduo.answers.formats import FORMATS, answer_instruction, infer_format, parse_options, resolve_format
 from vlmduo.errors import UsageError
 
 PETS = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import run_cli
 
-from vlmduo import latency_model as lm
-from vlmduo.agents import Agent, AgentResult
-from vlmduo.ask_timing import predict_result, stage_ms
-from vlmduo.bench import (
+from vlmduo.agents.base import AgentResult
+from vlmduo.agents.local import Agent
+from vlmduo.duo.pipeline import AskResult
+from vlmduo.engine.session import TokenEvent
+from vlmduo.errors import UsageError
+from vlmduo.study import latency_model as lm
+from vlmduo.study.ask_timing import predict_result, stage_ms
+from vlmduo.study.bench import (
     CHECK_MODES,
     BenchConfig,
     Stat,
@@ -29,10 +33,7 @@ from vlmduo.bench import (
     run_bench,
     steady_steps,
 )
-from vlmduo.engine import TokenEvent
-from vlmduo.errors import UsageError
-from vlmduo.pipeline import AskResult
-from vlmduo.study import ROUTES, Environment, StudyConfig, run_study, watch_other_cpu
+from vlmduo.study.sweep import ROUTES, Environment, StudyConfig, run_study, watch_other_cpu
 
 TINY = BenchConfig(
     reps=2,

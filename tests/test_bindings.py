@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import importlib.metadata, sys
-from vlmduo import bindings
+from vlmduo.engine import bindings
 bindings.import_bindings_only()
 import llama_cpp
 print("loaded", [m for m in sys.modules if m.startswith("llama_cpp.")])
@@ -54,7 +54,7 @@ def test_the_rest_of_the_package_loads_on_first_use(use):
 def test_a_thread_reading_the_api_while_another_loads_it_waits():
     code = (
         "import threading, time\n"
-        "from vlmduo import bindings\n"
+        "from vlmduo.engine import bindings\n"
         "bindings.import_bindings_only()\n"
         "import llama_cpp\n"
         "llama_cpp.llama_decode\n"
@@ -76,7 +76,7 @@ def test_a_thread_reading_the_api_while_another_loads_it_waits():
 def test_an_imported_package_is_left_as_it_is():
     code = (
         "import sys, llama_cpp\n"
-        "from vlmduo import bindings\n"
+        "from vlmduo.engine import bindings\n"
         "real = sys.modules['llama_cpp']\n"
         "bindings.import_bindings_only()\n"
         "assert sys.modules['llama_cpp'] is real and 'Llama' in vars(real)\n"

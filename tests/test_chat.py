@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmduo import chat
+from vlmduo.engine import chat
 from vlmduo.errors import ModelError
 
-TEMPLATES = Path(chat.__file__).parent / "fixtures" / "templates"
+TEMPLATES = Path(chat.__file__).parent.parent / "models" / "fixtures" / "templates"
 
 
 def _new_process() -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import run_cli
 
-from vlmduo.synthetic import SyntheticSpec, build
+from vlmduo.models.synthetic import SyntheticSpec, build
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_doctor_self_test_on_synthetic_models(isolated_env):
     ],
 )
 def test_doctor_threading_policy_line(info, env, expected):
-    from vlmduo.diagnostics import threading_policy
+    from vlmduo.engine.backend import threading_policy
 
     line = threading_policy(info, env)
     assert expected in line and "splits the" in line

@@ -11,7 +11,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
-from vlmduo.agents import AgentResult
+from vlmduo.agents.base import AgentResult
 from vlmduo.cli.eval_cmd import category_tables, summary_tables
 from vlmduo.cli.render import (
     Column,
@@ -23,9 +23,9 @@ from vlmduo.cli.render import (
     show_reasoning,
     timing_table,
 )
-from vlmduo.eval_run import EvalOutcome
-from vlmduo.evaluation import ConfigSummary, Score, TokenStats
-from vlmduo.pipeline import AskResult
+from vlmduo.duo.pipeline import AskResult
+from vlmduo.study.eval_run import EvalOutcome
+from vlmduo.study.evaluation import ConfigSummary, Score, TokenStats
 
 COMMANDS = ("ask", "models", "pull", "rm", "doctor", "eval", "bench")
 

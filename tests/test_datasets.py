@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmduo.datasets import BadItem, EvalItem, build_question, load_dataset
 from vlmduo.errors import DatasetError
+from vlmduo.study.datasets import BadItem, EvalItem, build_question, load_dataset
 
 MMBENCH_HEADER = [
     "index",

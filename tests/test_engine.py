@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmduo.engine import EngineSettings, VisionLanguageModel
+from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import ContextOverflowError, ModelError, ProjectorMismatchError
-from vlmduo.synthetic import SyntheticSpec, build
+from vlmduo.models.synthetic import SyntheticSpec, build
 
 
 def test_prefill_counts_and_stage_timings(small_model, small_files, image):
@@ -89,7 +90,7 @@ def test_an_interrupt_inside_the_probe_is_not_lost(small_model, image, monkeypat
     # raised in it, then report the previous step's probability.
     import math
 
-    from vlmduo import session as session_module
+    from vlmduo.engine import sampling
 
     class InterruptOnThirdLog:
         calls = 0
@@ -105,7 +106,7 @@ def test_an_interrupt_inside_the_probe_is_not_lost(small_model, image, monkeypat
 
     session = small_model.session()
     session.prefill(small_model.render_prompt("Describe it.", image=True), image)
-    monkeypatch.setattr(session_module, "math", InterruptOnThirdLog())
+    monkeypatch.setattr(sampling, "math", InterruptOnThirdLog())
     with pytest.raises(KeyboardInterrupt):
         session.generate(6, logprobs=True)
     assert len(session.last.logprobs) == 2  # two steps were reported, the third raised
@@ -216,7 +217,7 @@ def test_second_load_in_process_is_free(small_files):
 
 
 def test_list_only_chat_template_gets_flattened_text(tmp_path):
-    from vlmduo import chat
+    from vlmduo.engine import chat
 
     # A template that only accepts a list of parts (string content raises).
     template = (
@@ -239,7 +240,7 @@ def test_model_without_projector_refuses_images(small_files, tmp_path):
 
 @pytest.mark.parametrize("n_vocab", [2295, 32000, 152000])
 def test_synthetic_vocabulary_is_unique_and_loads(tmp_path, n_vocab):
-    from vlmduo.synthetic import vocabulary
+    from vlmduo.models.synthetic import vocabulary
 
     pieces, scores, types = vocabulary(n_vocab)
     assert len(pieces) == len(set(pieces)) == len(scores) == len(types) == n_vocab

@@ -12,13 +12,13 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from vlmduo.agents import Agent
-from vlmduo.datasets import load_dataset
+from vlmduo.agents.local import Agent
+from vlmduo.duo.pipeline import AskOptions
 from vlmduo.errors import EngineError, UsageError
-from vlmduo.eval_run import EvalConfig, expand_configs, required_roles, run_eval, summarize_log
-from vlmduo.evaluation import ResultsLog, is_correct
-from vlmduo.images import synthetic_image
-from vlmduo.pipeline import AskOptions
+from vlmduo.media.images import synthetic_image
+from vlmduo.study.datasets import load_dataset
+from vlmduo.study.eval_run import EvalConfig, expand_configs, required_roles, run_eval, summarize_log
+from vlmduo.study.evaluation import ResultsLog, is_correct
 
 HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
 TINY = AskOptions(think_budget=4, max_answer_tokens=2, transfer_budget=4)
@@ -161,7 +161,7 @@ def test_resume_skips_done_items_and_retries_errors(agents, dataset, tmp_path: P
 
 
 def test_engine_error_is_a_record_not_a_crash(agents, dataset, tmp_path: Path, monkeypatch) -> None:
-    import vlmduo.eval_run as eval_run
+    import vlmduo.study.eval_run as eval_run
 
     real_ask = eval_run.ask
 

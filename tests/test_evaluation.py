@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmduo.datasets import EvalItem
-from vlmduo.evaluation import (
+from vlmduo.study.datasets import EvalItem
+from vlmduo.study.evaluation import (
     ResultsLog,
     Score,
     TokenStats,

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from vlmduo import fixtures, registry
-from vlmduo.engine import EngineSettings, VisionLanguageModel
+from vlmduo.duo.pipeline import AskOptions
+from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import ProjectorMismatchError
-from vlmduo.images import LoadedImage, load_image, synthetic_image
-from vlmduo.pipeline import AskOptions
+from vlmduo.media.images import LoadedImage, load_image, synthetic_image
+from vlmduo.models import fixtures, registry
 
 # name -> (registry family, extra shape keys); the file name says "thinking"
 # for the reasoning variant, as the published Qwen3-VL Thinking files do.
@@ -121,8 +122,8 @@ def test_template_renders_question_and_marker(family_model):
 def test_smolvlm_template_drops_string_content_so_parts_are_used(family_dir):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from vlmduo import chat
-    from vlmduo.fixtures.common import chat_template
+    from vlmduo.engine import chat
+    from vlmduo.models.fixtures.common import chat_template
 
     template = chat_template("smolvlm2")
     # The published template reads content[0]['type']: a string renders, empty.

@@ -1,7 +1,7 @@
 """The duo under faults: cancellation, shared weights, recovery, calibrated confidence.
 
 Routes, failures and slow stages are forced with scripted agents
-(``vlmduo.testing``); what needs the engine runs on real GGUF files.
+(``vlmduo.agents.scripted``); what needs the engine runs on real GGUF files.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ import time
 import pytest
 from conftest import interrupt_after, run_cli
 
-from vlmduo import llama_logs, pipeline
+from vlmduo.agents.scripted import ScriptedAgent
+from vlmduo.duo import pipeline
+from vlmduo.duo.pipeline import AskOptions, make_question
+from vlmduo.engine import logs
 from vlmduo.errors import Cancelled, EngineError
-from vlmduo.pipeline import AskOptions, make_question
-from vlmduo.testing import ScriptedAgent
 
 CHOICE = "Which animal is it? A. cat B. dog C. bird D. fish"
 
 
 @pytest.fixture
 def agents(small_model, large_model):
-    from vlmduo.agents import Agent
+    from vlmduo.agents.local import Agent
 
     return Agent(small_model, thinking=True), Agent(large_model, context=large_model.new_context())
 
@@ -107,7 +108,8 @@ def test_an_outside_cancel_stops_both_agents():
 
 
 def test_cancel_aborts_a_long_prefill_between_batches(large_files):
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
 
     model = VisionLanguageModel(large_files.model, large_files.mmproj, EngineSettings(n_ctx=8192, n_batch=64))
     cancel = threading.Event()
@@ -143,7 +145,7 @@ def test_same_model_as_small_and_large_matches_two_copies(large_files, image, tm
 
 
 def test_thread_counts_are_restored_after_a_failed_duo(large_model, image):
-    from vlmduo.agents import Agent
+    from vlmduo.agents.local import Agent
 
     large = Agent(large_model, context=large_model.new_context())
     before = large.context.n_threads
@@ -165,7 +167,8 @@ def test_stale_session_raises_instead_of_reading_another_cache(small_model):
 
 
 def test_answer_probability_is_under_the_grammar(agents, image):
-    from vlmduo.agents import Sampling, answer_short
+    from vlmduo.agents.base import Sampling
+    from vlmduo.agents.local import answer_short
 
     _, large = agents
     q = make_question(CHOICE, image, "auto")
@@ -190,7 +193,8 @@ def test_intermediate_thresholds_route_by_the_probability(agents, image):
 
 
 def test_transferred_control_text_is_plain_text(agents, image):
-    from vlmduo.agents import Sampling, answer_short, transfer_answer
+    from vlmduo.agents.base import Sampling
+    from vlmduo.agents.local import answer_short, transfer_answer
 
     _, large = agents
     q = make_question(CHOICE, image, "auto")
@@ -207,25 +211,25 @@ def test_transferred_control_text_is_plain_text(agents, image):
 
 def test_errors_quote_their_own_threads_log_lines():
     def log(text: str) -> None:
-        llama_logs._on_log(4, text.encode(), None)
+        logs._on_log(4, text.encode(), None)
 
     seen = {}
 
     def other() -> None:
         log("other model: error loading tensor\n")
-        seen["other"] = llama_logs.last_error()
+        seen["other"] = logs.last_error()
 
     log("this model: failed to allocate\n")
     worker = threading.Thread(target=other)
     worker.start()
     worker.join()
-    assert "this model" in llama_logs.last_error()
+    assert "this model" in logs.last_error()
     assert "other model" in seen["other"]
 
 
 def test_close_is_idempotent_and_unload_evicts(small_files):
     from vlmduo import api
-    from vlmduo.engine import EngineSettings
+    from vlmduo.engine.settings import EngineSettings
     from vlmduo.errors import ModelError
 
     resolved = api.ResolvedModel("evict-me", small_files.model, small_files.mmproj)

@@ -106,7 +106,7 @@ def doctor(env: dict[str, str], *args: str) -> dict:
 def test_the_example_picture_is_package_data():
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert '"example.png"' in pyproject
-    assert (REPO_ROOT / "vlmduo" / "example.png").stat().st_size > 1000
+    assert (REPO_ROOT / "vlmduo" / "media" / "example.png").stat().st_size > 1000
 
 
 def test_readme_first_run_asks_about_the_example(isolated_env):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmduo.answers import FORMATS
+from vlmduo.answers.formats import FORMATS
+from vlmduo.answers.grammars import grammar_for
 from vlmduo.errors import UsageError
-from vlmduo.grammars import grammar_for
 
 PETS = {"A": "cat", "B": "dog", "C": "bird"}
 
@@ -247,7 +247,7 @@ def test_llama_cpp_rejects_a_broken_grammar() -> None:
 def vocab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The vocabulary of a tiny synthetic model, loaded without weights."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from vlmduo.synthetic import SyntheticSpec, build
+    from vlmduo.models.synthetic import SyntheticSpec, build
 
     folder: Path = tmp_path_factory.mktemp("grammar-vocab")
     build(SyntheticSpec(), folder / "model.gguf", folder / "mmproj.gguf")

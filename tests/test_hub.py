@@ -2,7 +2,7 @@
 
 End-to-end cases run the real CLI in a subprocess, with HF_ENDPOINT, HF_HOME and
 VLMDUO_HOME in its environment before huggingface_hub is imported. In-process cases
-rely on vlmduo.hub reading those variables on every call (huggingface_hub's own
+rely on vlmduo.models.hub reading those variables on every call (huggingface_hub's own
 constants are read once, at import).
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from hub_server import FakeHub, fake_gguf
 
-from vlmduo import hub
 from vlmduo.errors import DiskSpaceError, OfflineError, UsageError
-from vlmduo.registry import load_registry
+from vlmduo.models import hub
+from vlmduo.models.registry import load_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_A = fake_gguf(400_000, 1)
@@ -384,7 +384,7 @@ def test_remove_returns_freed_bytes_in_process(env: dict[str, str]) -> None:
 
 
 def test_synthetic_entries_are_built_files_and_rm_deletes_them(env: dict[str, str]) -> None:
-    from vlmduo.synthetic import synthetic_paths
+    from vlmduo.models.synthetic import synthetic_paths
 
     entry = load_registry().model("synthetic-small")
     assert hub.entry_status(entry).downloaded is False

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from vlmduo.errors import ImageError
-from vlmduo.image_url import USER_AGENT
-from vlmduo.images import LoadedImage, load_image, synthetic_image
+from vlmduo.media.images import LoadedImage, load_image, synthetic_image
+from vlmduo.media.url import USER_AGENT
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

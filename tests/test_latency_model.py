@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from vlmduo.latency_model import (
+from vlmduo.study.latency_model import (
     CrossoverRow,
     FitQuality,
     LatencyModel,

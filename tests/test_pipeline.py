@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from vlmduo import answers
-from vlmduo.agents import Agent
+from vlmduo.agents.local import Agent
+from vlmduo.answers.agree import answers_agree
+from vlmduo.duo.pipeline import AskOptions, ask, make_question
+from vlmduo.duo.selection import SELECTORS
 from vlmduo.errors import UsageError
-from vlmduo.pipeline import AskOptions, ask, make_question
-from vlmduo.selection import SELECTORS
 
 CHOICE = "Which animal is shown? A. cat B. dog C. bird D. fish"
 TIMING_KEYS = {"load", "image", "encode", "prefill", "decode"}
@@ -61,7 +61,8 @@ def twin_of_large(large_files):
     disagree on a yes/no question while the same weights agree: that forces
     each route of the verify policy deterministically.
     """
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
 
     model = VisionLanguageModel(
         large_files.model, large_files.mmproj, EngineSettings(n_ctx=4096), name="twin"
@@ -75,7 +76,7 @@ def test_verify_routes_follow_agreement(agents, twin_of_large, image, question):
     different = _ask(agents, image, question=question, policy="verify", think_budget=16)
     same = _ask((twin_of_large, large), image, question=question, policy="verify", think_budget=16)
     for result in (different, same):
-        agree = answers.answers_agree(result.small.answer, result.large.answer, "yesno")
+        agree = answers_agree(result.small.answer, result.large.answer, "yesno")
         assert result.route == ("agree" if agree else "transfer")
         assert (result.transferred is None) == agree
     assert same.route == "agree" and same.answer == same.large.answer
@@ -96,7 +97,8 @@ def test_always_transfers_with_every_selector(agents, image, selector):
 
 
 def test_transfer_reuses_the_cached_image_and_question(agents, image):
-    from vlmduo.agents import Sampling, answer_short, transfer_answer
+    from vlmduo.agents.base import Sampling
+    from vlmduo.agents.local import answer_short, transfer_answer
 
     _, large = agents
     q = make_question(CHOICE, image, "auto")
@@ -212,6 +214,6 @@ def test_empty_question_is_a_usage_error(image):
     ],
 )
 def test_open_thought(prompt, expected, closed):
-    from vlmduo.agents import open_thought
+    from vlmduo.agents.prompts import open_thought
 
     assert open_thought(prompt, "<think>", "</think>") == (expected, closed)

@@ -17,8 +17,9 @@ import gguf
 import numpy as np
 import pytest
 
-from vlmduo import fixtures
-from vlmduo.fixtures import common, qwen3vl, realsize
+from vlmduo.models import fixtures
+from vlmduo.models.fixtures import common, qwen3vl
+from vlmduo.study import realsize
 
 # Rows of 256 so that K-quants apply, as on the real shapes.
 SCALED = dict(
@@ -95,8 +96,9 @@ def test_build_leaves_only_the_final_files(built: realsize.RealSizeSpec) -> None
 
 
 def test_built_model_loads_and_answers(built: realsize.RealSizeSpec) -> None:
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
-    from vlmduo.images import synthetic_image
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
+    from vlmduo.media.images import synthetic_image
 
     model = VisionLanguageModel(built.model_path, built.mmproj_path, EngineSettings(n_ctx=512, n_threads=1))
     session = model.session()
@@ -188,7 +190,8 @@ def test_disk_check_names_the_shortfall(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl", "gemma3", "smolvlm", "internvl"])
 def test_every_family_builds_through_the_streamed_path(family: str, tmp_path: Path) -> None:
     """Each family's builder at its tiny default shape, through the same seams and quantiser."""
-    from vlmduo.engine import EngineSettings, VisionLanguageModel
+    from vlmduo.engine.model import VisionLanguageModel
+    from vlmduo.engine.settings import EngineSettings
 
     module = fixtures.builder(family)
     fields = {f.name for f in dataclasses.fields(module.Shape)}

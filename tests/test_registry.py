@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlmduo.errors import RegistryError, UnknownModelError
-from vlmduo.registry import (
+from vlmduo.models.registry import (
     DEFAULT_PAIR,
     load_registry,
     parse_registry_file,

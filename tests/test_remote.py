@@ -26,16 +26,18 @@ import time
 import pytest
 from recording_server import Canned, RecordingServer, completion
 
-from vlmduo import api, grammars
-from vlmduo.agents import TRANSFER_CUE, Question, Sampling
+from vlmduo import api
+from vlmduo.agents.base import Question, Sampling
+from vlmduo.agents.prompts import TRANSFER_CUE
+from vlmduo.agents.remote import RemoteAgent, parse_ref, servers
+from vlmduo.agents.remote import agent as remote_agent
+from vlmduo.agents.remote.agent import RemoteModel
+from vlmduo.agents.remote.client import TokenLogprob
+from vlmduo.agents.scripted import ScriptedAgent
+from vlmduo.answers import grammars
+from vlmduo.duo.pipeline import AskOptions, ask
 from vlmduo.errors import Cancelled, RemoteError, UsageError
-from vlmduo.images import synthetic_image
-from vlmduo.pipeline import AskOptions, ask
-from vlmduo.remote import RemoteAgent, parse_ref, servers
-from vlmduo.remote import agent as remote_agent
-from vlmduo.remote.agent import RemoteModel
-from vlmduo.remote.client import TokenLogprob
-from vlmduo.testing import ScriptedAgent
+from vlmduo.media.images import synthetic_image
 
 CHAT = "/v1/chat/completions"
 COMMON = {"model", "messages", "max_tokens", "temperature", "seed", "stream", "stream_options", "logprobs"}
@@ -60,7 +62,7 @@ QUESTION = "Which shape is shown? A. circle B. square C. triangle"
 
 
 def _question(fmt: str = "choice", text: str = QUESTION) -> Question:
-    from vlmduo.answers import parse_options
+    from vlmduo.answers.formats import parse_options
 
     return Question(text, synthetic_image(48, 32, seed=5), fmt, parse_options(text))
 
@@ -224,7 +226,7 @@ def test_transfer_reports_cached_tokens_and_warns_once_when_zero(caplog) -> None
         agent = _agent(stub)
         question = _question()
         short = agent.answer_short(question, Sampling())
-        with caplog.at_level(logging.WARNING, logger="vlmduo.remote"):
+        with caplog.at_level(logging.WARNING, logger="vlmduo.agents.remote"):
             done = [agent.transfer(short, question, "three corners", Sampling()) for _ in range(3)]
     assert [d.details["cached_tokens"] for d in done] == [0, 0, 48]
     assert done[2].prefill_tokens == 12  # what the server prefilled anew
@@ -417,7 +419,7 @@ def test_registry_entry_with_an_endpoint(tmp_path, monkeypatch) -> None:
         'api_key_env = "GPU_KEY"\nserver = "vllm"\ntimeout = 60\n'
         '[models.bad]\nendpoint = "gpu:8000"\nmodel = "m"\n'
     )
-    from vlmduo import registry
+    from vlmduo.models import registry
 
     with pytest.raises(Exception, match="must be an http"):
         registry.load_registry(tmp_path)
@@ -444,8 +446,8 @@ def test_registry_entry_with_an_endpoint(tmp_path, monkeypatch) -> None:
     ],
 )
 def test_registry_rejects_malformed_remote_entries(tmp_path, table: str, problem: str) -> None:
-    from vlmduo import registry
     from vlmduo.errors import RegistryError
+    from vlmduo.models import registry
 
     (tmp_path / "models.toml").write_text(f"[models.r]\n{table}\n")
     with pytest.raises(RegistryError, match=problem):
@@ -455,9 +457,9 @@ def test_registry_rejects_malformed_remote_entries(tmp_path, table: str, problem
 def test_eval_keeps_several_remote_items_in_flight_and_isolates_failures(tmp_path) -> None:
     from PIL import Image
 
-    from vlmduo.datasets import load_dataset
-    from vlmduo.eval_run import EvalConfig, run_eval
-    from vlmduo.evaluation import ResultsLog
+    from vlmduo.study.datasets import load_dataset
+    from vlmduo.study.eval_run import EvalConfig, run_eval
+    from vlmduo.study.evaluation import ResultsLog
 
     rows = []
     for i in range(6):
@@ -501,7 +503,7 @@ def test_timing_table_marks_the_remote_agent() -> None:
 
 
 def test_doctor_checks_remote_endpoints() -> None:
-    from vlmduo.diagnostics import check_endpoints
+    from vlmduo.doctor import check_endpoints
 
     with RecordingServer(owned_by="vllm") as stub:
         good = check_endpoints({"small": "synthetic-small", "large": f"{stub.url}#stub-model"})

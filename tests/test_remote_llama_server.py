@@ -20,13 +20,13 @@ import pytest
 from conftest import run_cli
 from llama_server import BUILD_HINT, LlamaServer, find_binary, free_port
 
-from vlmduo import registry, synthetic
-from vlmduo.agents import Question, Sampling
-from vlmduo.answers import parse_options
+from vlmduo.agents.base import Question, Sampling
+from vlmduo.agents.remote import RemoteAgent, parse_ref
+from vlmduo.agents.remote.agent import image_uri
+from vlmduo.answers.formats import parse_options
 from vlmduo.errors import RemoteError
-from vlmduo.images import synthetic_image
-from vlmduo.remote import RemoteAgent, parse_ref
-from vlmduo.remote.agent import image_uri
+from vlmduo.media.images import synthetic_image
+from vlmduo.models import registry, synthetic
 
 QUESTION = "Which shape is shown? A. circle B. square C. triangle"
 BINARY = find_binary()

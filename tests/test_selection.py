@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vlmduo.selection import SELECTORS, Selection, select_key_reasoning, split_steps
+from vlmduo.duo.selection import SELECTORS, Selection, select_key_reasoning, split_steps
 
 # Realistic small-model reasoning traces, with the question each one answers.
 TRACES: dict[str, tuple[str, str]] = {

@@ -1,7 +1,7 @@
 """The server with scripted agents: the OpenAI API, errors, the queue, disconnects, idle unload.
 
 Each test runs a real uvicorn server on 127.0.0.1 (a free port) in a thread, over
-``vlmduo.testing.ScriptedAgent``s, and talks to it over HTTP: with the official
+``vlmduo.agents.scripted.ScriptedAgent``s, and talks to it over HTTP: with the official
 ``openai`` client where a caller of the API would, with httpx where the request
 must be malformed on purpose. Every server is torn down; every wait is bounded.
 """
@@ -20,13 +20,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from vlmduo.engine import EngineSettings
+from vlmduo.agents.scripted import ScriptedAgent
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import EngineError
 from vlmduo.serve import server as serve_server
 from vlmduo.serve.app import AppConfig, create_app
 from vlmduo.serve.host import PairHost, PairSpec
 from vlmduo.serve.wire import Limits
-from vlmduo.testing import ScriptedAgent
 
 openai = pytest.importorskip("openai")
 
@@ -36,7 +36,7 @@ QUESTION = "Which animal is it? A. cat B. dog C. bird D. fish"
 
 def png_bytes(width: int = 32, height: int = 24) -> bytes:
     """A PNG with noise in it (so it does not compress to nothing)."""
-    from vlmduo.images import synthetic_image
+    from vlmduo.media.images import synthetic_image
 
     img = synthetic_image(width, height, seed=1)
     out = io.BytesIO()
@@ -275,7 +275,7 @@ def test_native_endpoint_refuses_other_engine_settings():
 
 
 def _options():
-    from vlmduo.pipeline import AskOptions
+    from vlmduo.duo.pipeline import AskOptions
 
     return AskOptions()
 

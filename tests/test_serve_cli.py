@@ -20,7 +20,7 @@ import pytest
 from conftest import cli_env, interrupt_after, run_cli
 from PIL import Image
 
-from vlmduo.images import synthetic_image
+from vlmduo.media.images import synthetic_image
 
 ENGINE = ["--threads", "1", "--image-max-tokens", "256"]
 CHOICE = "Which animal is it? A. cat B. dog C. bird D. fish"

@@ -132,10 +132,11 @@ def test_a_server_is_reached_where_its_url_says(host, url):
     ],
 )
 def test_servers_are_found_in_the_run_directory_of_the_cache(monkeypatch, env, expected):
-    from vlmduo.serve import address, runtime
+    from vlmduo import paths
+    from vlmduo.serve import runtime
 
     for name in ("VLMDUO_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert address.run_dir() == str(runtime.run_dir()) == expected
+    assert paths.run_dir() == str(runtime.run_dir()) == expected

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlmduo.agents import Agent, AgentLike, Progress
-from vlmduo.engine import Context, EngineSettings, VisionLanguageModel
+from vlmduo.agents.base import AgentLike, Progress
+from vlmduo.agents.local import Agent
+from vlmduo.duo.pipeline import AskOptions, AskResult, ask, make_question
+from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.session import Context
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import ModelError, UsageError
-from vlmduo.images import LoadedImage, load_image
-from vlmduo.pipeline import AskOptions, AskResult, ask, make_question
+from vlmduo.media.images import LoadedImage, load_image
 
 _cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
 _contexts: dict[tuple[int, str], Context] = {}  # (id of model, role) -> the role's KV cache
@@ -31,7 +34,7 @@ _key_locks: dict[tuple[str, str, EngineSettings], threading.Lock] = {}
 _cache_lock = threading.Lock()
 
 if TYPE_CHECKING:
-    from vlmduo.remote import RemoteAgent, RemoteModel
+    from vlmduo.agents.remote import RemoteAgent, RemoteModel
 
 
 @dataclass(frozen=True)
@@ -55,30 +58,30 @@ def resolve(
     Registry entries are downloaded (or, for synthetic entries, built) first
     when missing, unless ``offline``.
     """
-    # vlmduo.remote (and httpx, 30 ms) only for a model on a server.
+    # vlmduo.agents.remote (and httpx, 30 ms) only for a model on a server.
     if ref.strip().lower().startswith(("http://", "https://")):
-        from vlmduo import remote
+        from vlmduo.agents import remote
 
         _no_projector(ref, mmproj)
         return remote.parse_ref(ref)
     if _looks_like_path(ref):
         return _resolve_path(Path(ref).expanduser(), mmproj)
-    from vlmduo import registry
+    from vlmduo.models import registry
 
     entry = registry.load_registry().model(ref)
     if entry.source == "remote":
-        from vlmduo import remote
+        from vlmduo.agents import remote
 
         _no_projector(ref, mmproj)
         return remote.from_entry(entry)
     if entry.source == "synthetic":
-        from vlmduo import synthetic
+        from vlmduo.models import synthetic
 
         model_path, mmproj_path = synthetic.ensure_built(entry.name, entry.synthetic or {})
     elif entry.source == "local":
         model_path, mmproj_path = Path(entry.path), Path(entry.mmproj_path) if entry.mmproj_path else None
     else:
-        from vlmduo import hub
+        from vlmduo.models import hub
 
         model_path, mmproj_path = hub.ensure_files(entry, offline=offline, progress=progress)
     if mmproj is not None:
@@ -206,7 +209,7 @@ _remote_agents: dict[RemoteModel, RemoteAgent] = {}
 
 def remote_agent(ref: RemoteModel) -> RemoteAgent:
     """The agent of a model on a server, one per process and reference (it checks the server once)."""
-    from vlmduo.remote import RemoteAgent
+    from vlmduo.agents.remote import RemoteAgent
 
     with _cache_lock:
         agent = _remote_agents.get(ref)

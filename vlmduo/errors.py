@@ -8,6 +8,19 @@ stderr and the exit code below. Wrap lower-level exceptions with
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """Collapse a reason to one line: an error is printed as exactly one."""
+    return " ".join(str(text).split())
+
+
+def human_size(n: int) -> str:
+    """A byte count in messages: 50 MiB for the default caps; small ones (tests, embedded
+    use) in KiB or bytes."""
+    if n >= 2**20:
+        return f"{n / 2**20:g} MiB"
+    return f"{n / 2**10:g} KiB" if n >= 2**10 else f"{n} bytes"
+
+
 class VlmduoError(Exception):
     """A failure explained in one line, with an optional hint for the next step."""
 

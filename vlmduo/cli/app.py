@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         # Accepted anywhere on the line, like VLMDUO_DEBUG=1: tracebacks on.
         os.environ["VLMDUO_DEBUG"] = "1"
         args = [a for a in args if a != "--debug"]
-    from vlmduo import bindings
-    from vlmduo.cli.main import flush_and_exit
+    from vlmduo.cli.process import flush_and_exit
+    from vlmduo.engine import bindings
 
     # This process is ours: llama-cpp-python's high-level API (numpy, jinja2...) is
     # imported only if something asks for it.

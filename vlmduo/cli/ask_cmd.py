@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -14,20 +13,19 @@ from vlmduo.cli import checks
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
+from vlmduo.cli.served import forbid_local
+from vlmduo.duo.pipeline import AskOptions
 from vlmduo.errors import UsageError
-from vlmduo.pipeline import AskOptions
-from vlmduo.serve import cli_call
+from vlmduo.media.images import EXAMPLE_IMAGE
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from vlmduo.engine import EngineSettings
-    from vlmduo.pipeline import AskResult
+    from vlmduo.duo.pipeline import AskResult
+    from vlmduo.engine.settings import EngineSettings
 
-# IMAGE `example` names this picture, shipped with vlmduo: three red circles, a blue
-# square and a green triangle, so a first question has an answer anyone can check.
+# IMAGE `example` names the picture shipped with vlmduo (``media.images.EXAMPLE_IMAGE``).
 EXAMPLE = "example"
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "example.png"
 
 HELP = """Ask QUESTION about IMAGE: a path, an http(s) URL, - for stdin, or \
 example for the picture shipped with vlmduo (use ./example for a file of that name).
@@ -182,10 +180,10 @@ def ask(
             _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
             return
         stdin = served.stdin  # the image's bytes, when they were read for the server already
-    cli_call.forbid_local("--no-server: the client loads the models itself")
+    forbid_local("--no-server: the client loads the models itself")
 
     from vlmduo.api import answer, load_agents
-    from vlmduo.images import load_image
+    from vlmduo.media.images import load_image
 
     loaded_image = load_image(source, stdin=stdin)
     resolved = opt.resolve_roles(
@@ -247,7 +245,7 @@ def _ask_many(
     quiet: bool,
 ) -> int:
     """``--each`` / ``--batch``: one JSON line per item on stdout; the exit code."""
-    cli_call.forbid_local("--each and --batch run in the client")
+    forbid_local("--each and --batch run in the client")
     items, total = many.many_items(image, question, each, batch)
     return many.run_many(
         items,

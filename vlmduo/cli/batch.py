@@ -23,8 +23,8 @@ from rich.console import Console
 from vlmduo.errors import Cancelled, UsageError, VlmduoError
 
 if TYPE_CHECKING:
-    from vlmduo.engine import EngineSettings
-    from vlmduo.pipeline import AskOptions, AskResult
+    from vlmduo.duo.pipeline import AskOptions, AskResult
+    from vlmduo.engine.settings import EngineSettings
     from vlmduo.serve.runtime import ServerRecord
 
 NoServer = Annotated[
@@ -109,9 +109,10 @@ def through_server(
 
     Errors the server reports are raised as in-process (same line, same exit code).
     """
-    from vlmduo.serve import cli_call, client
+    from vlmduo.cli import served
+    from vlmduo.serve import client
 
-    resident = cli_call.current()
+    resident = served.current()
     if resident is not None:  # running inside the server for a thin client: its own models
         result = resident.ask(image, question, options, refs, _roles(options.mode), runtime_engine(settings))
         return Served(result, resident.record)

@@ -17,14 +17,14 @@ from vlmduo.cli import checks
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import EXIT_INTERRUPTED, boundary
 from vlmduo.cli.render import progress_bar, stderr_console
-from vlmduo.engine import EngineSettings
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import UsageError, VlmduoError
 
 if TYPE_CHECKING:  # the core loads numpy: imported when the command runs, not for --help
-    from vlmduo.agents import Agent
+    from vlmduo.agents.local import Agent
     from vlmduo.api import ResolvedModel
-    from vlmduo.bench import BenchConfig
-    from vlmduo.study import StudyConfig
+    from vlmduo.study.bench import BenchConfig
+    from vlmduo.study.sweep import StudyConfig
 
 HELP = """Measure where a pair's latency goes, fit a latency model, show the crossover.
 
@@ -89,7 +89,7 @@ def require_matplotlib() -> None:
 
 def simulate_names(text: str) -> tuple[str, str]:
     """``--simulate small,large``: two registry names with a real shape each."""
-    from vlmduo.fixtures import realsize
+    from vlmduo.study import realsize
 
     names = opt.name_list(text)
     if len(names) != 2:
@@ -108,10 +108,10 @@ def build_simulated(
     names: tuple[str, str], threads: int | None, console: Console, *, verbose: bool = False
 ) -> dict[str, ResolvedModel]:
     """Build (or find in the cache) both real-size models, with a progress bar."""
-    from vlmduo import registry
     from vlmduo.api import ResolvedModel
-    from vlmduo.fixtures import realsize
-    from vlmduo.synthetic import cache_root
+    from vlmduo.models import registry
+    from vlmduo.models.synthetic import cache_root
+    from vlmduo.study import realsize
 
     cache = cache_root().parent / "simulated"
     resolved = {}
@@ -201,8 +201,8 @@ def bench(
     offline: opt.Offline = False,
     verbose: opt.Verbose = False,
 ) -> None:
-    from vlmduo.bench import BenchConfig
-    from vlmduo.study import StudyConfig
+    from vlmduo.study.bench import BenchConfig
+    from vlmduo.study.sweep import StudyConfig
 
     checks.engine(ctx=ctx, threads=threads)
     if plot is not None:
@@ -265,8 +265,8 @@ def _run(
     json_out: bool,
     plot: Path | None,
 ) -> None:
-    from vlmduo.bench import run_bench
-    from vlmduo.study import environment, run_study, watch_other_cpu
+    from vlmduo.study.bench import run_bench
+    from vlmduo.study.sweep import environment, run_study, watch_other_cpu
 
     weights = out.weights_label(agents, simulated=names is not None)
     env = environment(weights, settings.threads(), settings.n_gpu_layers)

@@ -18,11 +18,11 @@ from vlmduo.cli.render import bar_chart, fmt_ms
 from vlmduo.errors import VlmduoError
 
 if TYPE_CHECKING:
-    from vlmduo.agents import Agent
-    from vlmduo.ask_timing import ModeCheck
-    from vlmduo.bench import BenchReport, ModelBench, Stat
-    from vlmduo.latency_model import FitQuality, LatencyModel
-    from vlmduo.study import Environment, StudyReport
+    from vlmduo.agents.local import Agent
+    from vlmduo.study.ask_timing import ModeCheck
+    from vlmduo.study.bench import BenchReport, ModelBench, Stat
+    from vlmduo.study.latency_model import FitQuality, LatencyModel
+    from vlmduo.study.sweep import Environment, StudyReport
 
 
 def num(value: float | None) -> str:
@@ -295,8 +295,8 @@ def weights_label(agents: dict[str, Agent], *, simulated: bool) -> str:
 
 def simulated_info(names: tuple[str, str]) -> dict[str, object]:
     """The build record of each simulated model (provenance, sizes, build times)."""
-    from vlmduo.fixtures import realsize
-    from vlmduo.synthetic import cache_root
+    from vlmduo.models.synthetic import cache_root
+    from vlmduo.study import realsize
 
     cache = cache_root().parent / "simulated"
     return {name: realsize.build_info(realsize.spec_for(name, cache)) for name in names}
@@ -310,7 +310,7 @@ def write_plot(report: BenchReport, path: Path, env: Environment) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    from vlmduo.latency_model import Prompt
+    from vlmduo.study.latency_model import Prompt
 
     models = list(report.models.values())
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)

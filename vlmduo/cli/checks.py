@@ -54,7 +54,7 @@ def question_format(question: str, fmt: str) -> None:
     """``--format choice`` needs options in the question to choose from."""
     if fmt != "choice":
         return
-    from vlmduo.answers import parse_options
+    from vlmduo.answers.formats import parse_options
 
     if not parse_options(question):
         raise UsageError(

@@ -44,7 +44,7 @@ def doctor(
     large: opt.LargeModel = None,
     debug: opt.Debug = False,
 ) -> None:
-    from vlmduo.diagnostics import collect
+    from vlmduo.doctor import collect
 
     small_ref, large_ref = opt.pair_defaults(pair, small, large)
     report = collect(self_test=self_test, pair=pair, refs={"small": small_ref, "large": large_ref})

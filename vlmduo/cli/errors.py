@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from vlmduo.cli import terminal
-from vlmduo.errors import VlmduoError
+from vlmduo.cli.process import flush_and_exit
+from vlmduo.errors import VlmduoError, one_line
 
 EXIT_INTERRUPTED = 130
 
@@ -38,19 +39,15 @@ def report(exc: BaseException, console: Console | None = None) -> int:
         console.print("[red]Interrupted.[/]")
         return EXIT_INTERRUPTED
     if isinstance(exc, VlmduoError):
-        console.print(f"[bold red]Error:[/] {escape(_one_line(exc.message))}")
+        console.print(f"[bold red]Error:[/] {escape(one_line(exc.message))}")
         if exc.hint:
-            console.print(f"[dim]Hint: {escape(_one_line(exc.hint))}[/]")
+            console.print(f"[dim]Hint: {escape(one_line(exc.hint))}[/]")
         return exc.exit_code
-    console.print(f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(_one_line(str(exc)))}")
+    console.print(f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(one_line(str(exc)))}")
     console.print(
         "[dim]Hint: run it again with --debug (or VLMDUO_DEBUG=1) for the traceback, and report it.[/]"
     )
     return 1
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def is_usage_error(exc: BaseException) -> bool:
@@ -65,7 +62,7 @@ def is_usage_error(exc: BaseException) -> bool:
 def report_usage(exc: BaseException) -> int:
     """A mistake click found on the command line, as one Error line and one Hint line."""
     console = terminal.console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]Error:[/] {escape(_one_line(exc.format_message()))}")  # type: ignore[attr-defined]
+    console.print(f"[bold red]Error:[/] {escape(one_line(exc.format_message()))}")  # type: ignore[attr-defined]
     ctx = getattr(exc, "ctx", None)
     if ctx is not None:
         console.print(f"[dim]Hint: see {escape(ctx.command_path)} --help[/]")
@@ -85,8 +82,6 @@ def boundary(func: F) -> F:
         except (typer.Exit, SystemExit):
             raise
         except KeyboardInterrupt as exc:
-            from vlmduo.cli.main import flush_and_exit
-
             code = report(exc)
             # Agents were told to stop, but one may sit in an image encode that
             # cannot be interrupted: leave now, as llama.cpp's own tools do on

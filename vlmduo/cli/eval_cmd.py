@@ -22,12 +22,12 @@ from vlmduo.cli.render import (
     progress_bar,
     stderr_console,
 )
+from vlmduo.duo.pipeline import AskOptions
 from vlmduo.errors import UsageError
-from vlmduo.pipeline import AskOptions
 
 if TYPE_CHECKING:  # imported when the command runs, not for --help
-    from vlmduo.eval_run import EvalOutcome, EvalProgress
-    from vlmduo.evaluation import TokenStats
+    from vlmduo.study.eval_run import EvalOutcome, EvalProgress
+    from vlmduo.study.evaluation import TokenStats
 
 HELP = """Evaluate modes, policies and selectors on a dataset, with both models loaded once.
 
@@ -182,9 +182,9 @@ def eval_command(
     verbose: opt.Verbose = False,
     debug: opt.Debug = False,
 ) -> None:
-    from vlmduo.datasets import load_dataset
-    from vlmduo.eval_run import expand_configs, required_roles, run_eval
-    from vlmduo.evaluation import ResultsLog
+    from vlmduo.study.datasets import load_dataset
+    from vlmduo.study.eval_run import expand_configs, required_roles, run_eval
+    from vlmduo.study.evaluation import ResultsLog
 
     configs = expand_configs(opt.name_list(modes), opt.name_list(policies), opt.name_list(selectors))
     options = AskOptions(

@@ -6,8 +6,9 @@ known that no server answers; then :mod:`vlmduo.cli.app` (typer, rich) runs as u
 
 from __future__ import annotations
 
-import os
 import sys
+
+from vlmduo.cli.process import flush_and_exit
 
 
 def main() -> None:
@@ -24,16 +25,3 @@ def main() -> None:
     from vlmduo.cli.app import main as run
 
     run(args)
-
-
-def flush_and_exit(code: int) -> None:
-    """Flush stdout and stderr and end the process now, without the interpreter's teardown.
-
-    A reader that went away (``vlmduo ask ... | head -c1``) is not an error of ours.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)

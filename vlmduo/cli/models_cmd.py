@@ -72,8 +72,8 @@ def models(
     debug: opt.Debug = False,
 ) -> None:
     """List the registry with download state."""
-    from vlmduo import hub
-    from vlmduo.registry import load_registry
+    from vlmduo.models import hub
+    from vlmduo.models.registry import load_registry
 
     registry = load_registry()
     rows = [_model_row(entry, hub.entry_status(entry)) for entry in registry.models.values()]
@@ -211,7 +211,7 @@ def pull(
     debug: opt.Debug = False,
 ) -> None:
     """Download models into the Hugging Face cache."""
-    from vlmduo import hub
+    from vlmduo.models import hub
 
     console = stderr_console(quiet=quiet)
     results = hub.pull(names or [], pair, progress=not quiet)
@@ -225,8 +225,8 @@ def rm(
     debug: opt.Debug = False,
 ) -> None:
     """Delete a model's files from the cache."""
-    from vlmduo import hub
-    from vlmduo.registry import load_registry
+    from vlmduo.models import hub
+    from vlmduo.models.registry import load_registry
 
     registry = load_registry()
     entry = registry.model(name)

@@ -14,12 +14,12 @@ import typer
 from rich.console import Console
 
 from vlmduo.cli import checks
-from vlmduo.engine import EngineSettings
+from vlmduo.duo.pipeline import AskOptions
+from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import DownloadError, OfflineError
-from vlmduo.pipeline import AskOptions
 
 if TYPE_CHECKING:
-    from vlmduo.agents import Agent
+    from vlmduo.agents.local import Agent
 
 # The models: a registry pair fills in whichever of --small / --large is not given.
 SmallModel = Annotated[
@@ -126,7 +126,7 @@ def pair_defaults(pair: str, small: str | None, large: str | None) -> tuple[str,
     """``--small`` and ``--large``, the registry pair ``pair`` filling in the ones not given."""
     if small is not None and large is not None:
         return small, large
-    from vlmduo import registry
+    from vlmduo.models import registry
 
     chosen = registry.load_registry().pair(pair)
     return small or chosen.small, large or chosen.large
@@ -146,7 +146,7 @@ def model_refs(
 
 def is_offline(flag: bool) -> bool:
     """``--offline``, or offline by the environment as the downloader reads it."""
-    from vlmduo.offline import offline_mode
+    from vlmduo.models.offline import offline_mode
 
     return offline_mode(flag)
 
@@ -168,33 +168,34 @@ def resolve_roles(
     Offline with registry models missing fails before anything else, naming them all;
     a failed download names them all too, with the ways to go on.
     """
-    from vlmduo import api, diagnostics
+    from vlmduo import api
+    from vlmduo.models import readiness
 
     names = [refs[role][0] for role in roles]
-    missing = diagnostics.missing_models(names)
+    missing = readiness.missing_models(names)
     # `vlmduo pull --pair P` when both models of a registry pair are wanted, else the names.
-    pair = diagnostics.pair_of(refs["small"][0], refs["large"][0]) if len(roles) == 2 else None
+    pair = readiness.pair_of(refs["small"][0], refs["large"][0]) if len(roles) == 2 else None
     if missing and offline:
         listed = " and ".join(f"'{m.name}'" for m in missing)
         verb = "is" if len(missing) == 1 else "are"
         raise OfflineError(
             f"{listed} {verb} not downloaded and offline mode is on",
-            hint=diagnostics.ways_to_go_on(missing, pair, offline=True, roles=tuple(roles)),
+            hint=readiness.ways_to_go_on(missing, pair, offline=True, roles=tuple(roles)),
         )
     try:
         if missing and not offline:
             # All at once: every file's size and existence is asked of the Hub before the
             # first byte comes, so a missing file or a full disk fails before any download.
-            from vlmduo import hub
+            from vlmduo.models import hub
 
             hub.pull([m.name for m in missing], progress=progress)
         return {role: api.resolve(*refs[role], offline=offline, progress=progress) for role in roles}
     except DownloadError as exc:
         # The hub's hint says how to retry; add what is still missing and the other ways.
-        still = diagnostics.missing_models(names)
+        still = readiness.missing_models(names)
         if still:
             listed = " and ".join(m.name for m in still)
-            ways = diagnostics.ways_to_go_on(still, pair, offline=False, download=False, roles=tuple(roles))
+            ways = readiness.ways_to_go_on(still, pair, offline=False, download=False, roles=tuple(roles))
             exc.hint = "; ".join(part for part in (exc.hint, f"still missing: {listed}", ways) if part)
         raise
 

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from vlmduo.agents import AgentResult
-from vlmduo.pipeline import AskResult
+from vlmduo.agents.base import AgentResult
+from vlmduo.duo.pipeline import AskResult
 from vlmduo.timing import AGENT_STAGES
 
 PIPELINE_STAGES = (

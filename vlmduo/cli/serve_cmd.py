@@ -102,7 +102,8 @@ def serve(
     verbose: opt.Verbose = False,
     log_file: Annotated[str | None, typer.Option("--log-file", hidden=True)] = None,
 ) -> None:
-    from vlmduo.pipeline import AskOptions
+    from vlmduo.cli import served
+    from vlmduo.duo.pipeline import AskOptions
     from vlmduo.serve import runtime, server
     from vlmduo.serve.host import PairSpec
     from vlmduo.serve.wire import Limits
@@ -190,7 +191,7 @@ def serve(
         )
 
     try:
-        server.serve(options, on_loading=loading, on_ready=ready)
+        server.serve(options, on_loading=loading, on_ready=ready, cli_runner=served.run_for_client)
     except SystemExit:  # SIGTERM (vlmduo stop)
         status.stop()
         console.print("Stopped.")

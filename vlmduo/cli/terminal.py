@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from vlmduo.cli.thin_client import TERMINAL_ENV
+from vlmduo.cli.process import TERMINAL_ENV
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -6,7 +6,7 @@ Asking a warm server should cost a little more than the answer. A whole
 of them. It finds a ready server in the run directory, sends it the command line,
 the image's bytes and what the terminal looks like, and prints what comes back:
 the server parses, checks, answers and renders with the same code as
-in-process (:mod:`vlmduo.serve.cli_call`), so the output is the same.
+in-process (:mod:`vlmduo.cli.served`), so the output is the same.
 
 Whenever this module is not sure, it declines (returns None) and ``vlmduo ask``
 runs as usual, which may still use the server through its own client: no server,
@@ -30,7 +30,8 @@ import sys
 import time
 from collections.abc import Mapping
 
-from vlmduo import __version__
+from vlmduo import __version__, paths
+from vlmduo.cli.process import TERMINAL_ENV
 from vlmduo.serve import address
 
 # Every option of ``vlmduo ask`` by whether it takes a value; a test holds these to
@@ -61,10 +62,6 @@ _ENV_PREFIXES = ("VLMDUO_", "HF_", "XDG_")
 _ENV_NAMES = ("HOME", "TRANSFORMERS_OFFLINE")
 _ENV_IGNORED = ("VLMDUO_SERVER_WAIT", "VLMDUO_DEBUG")
 _CREDENTIAL_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-# The environment variables rich reads to decide on colour, width and terminal-ness
-# (vlmduo.cli.terminal renders for the client with these).
-TERMINAL_ENV = ("TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
-TERMINAL_ENV += ("COLUMNS", "LINES")
 _MAX_IMAGE_BYTES = 50 * 2**20  # read_image_bytes's own cap; beyond it the usual path says why
 _FALSE = ("", "0", "false", "no", "off", "f", "n")
 
@@ -108,7 +105,7 @@ def meaning_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _ready_servers() -> list[dict]:
     """Records of ready servers that take thin clients, oldest first."""
-    folder = address.run_dir()
+    folder = paths.run_dir()
     try:
         names = [n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
     except OSError:

@@ -29,7 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from vlmduo import __version__, answers, workers
+from vlmduo import __version__
+from vlmduo.answers import formats
+from vlmduo.duo import workers
 from vlmduo.errors import VlmduoError
 from vlmduo.serve import inputs, openai_api, wire
 from vlmduo.serve.host import PairHost, QueueFull
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
 _DONE = object()
+# (request body, the host, the app's config, cancel) -> {"stdout", "stderr", "exit_code"}, or
+# {"declined": why} when the client must answer itself; wire.BadCall for a malformed body.
+CliRunner = Callable[[dict[str, Any], PairHost, "AppConfig", threading.Event], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class AppConfig:
     created: int = field(default_factory=openai_api.now)
     url: str = ""
     record: Any = None  # the server's ServerRecord: thin clients prove they read it (cli_token)
+    # Runs a thin client's ``vlmduo ask`` (``POST /api/cli/ask``): handed in by the command
+    # line that started the server, which the server does not import. None: no thin clients.
+    cli_runner: CliRunner | None = None
 
 
 def create_app(host: PairHost, config: AppConfig) -> Starlette:
@@ -236,24 +244,23 @@ class _Api:
         return JSONResponse(result.to_json())
 
     async def cli_ask(self, request: Request) -> JSONResponse:
-        """``vlmduo ask`` for a thin client of this machine's user (see ``serve.cli_call``)."""
-        from vlmduo.serve import cli_call
-
+        """``vlmduo ask`` for a thin client of this machine's user (``vlmduo.cli.served``)."""
         token = getattr(self.config.record, "cli_token", None)
         given = request.headers.get("x-vlmduo-cli-token", "")
         if not token or not hmac.compare_digest(given.encode(), token.encode()):
             raise ApiError(403, "not a vlmduo ask of this machine's user", code="forbidden")
+        runner = self.config.cli_runner
+        if runner is None:
+            return JSONResponse({"declined": "this server answers no vlmduo ask"})
         body = await _read_json(request, self.config.limits.max_body_bytes)
-        try:
-            call = cli_call.parse(body)
-        except cli_call.BadCall as exc:
-            raise ApiError(400, str(exc), code="invalid_request") from None
 
         def work(cancel: threading.Event) -> dict[str, Any]:
-            resident = cli_call.Resident(self.host, self.config.record, self.config.limits, call, cancel)
-            return cli_call.run(resident)
+            return runner(body, self.host, self.config, cancel)
 
-        return JSONResponse(await _run_watched(request.receive, work))
+        try:
+            return JSONResponse(await _run_watched(request.receive, work))
+        except wire.BadCall as exc:
+            raise ApiError(400, str(exc), code="invalid_request") from None
 
     async def chat(self, request: Request) -> Any:
         body = await _read_json(request, self.config.limits.max_body_bytes)
@@ -297,7 +304,7 @@ class _ChatStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        live = answers.resolve_format(self.chat.options.fmt, self.chat.question) == "free"
+        live = formats.resolve_format(self.chat.options.fmt, self.chat.question) == "free"
 
         def sink(kind: str, text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, text))

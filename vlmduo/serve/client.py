@@ -3,7 +3,7 @@
 The client reads the image's bytes itself (same messages as in-process for a
 missing or unreadable file), the server decodes them under the same name, and the
 ``ask --json`` object comes back; :func:`ask_server` rebuilds the
-:class:`~vlmduo.pipeline.AskResult` from it, so what ``vlmduo ask`` prints is the
+:class:`~vlmduo.duo.pipeline.AskResult` from it, so what ``vlmduo ask`` prints is the
 same either way. A server that cannot be reached before the request is sent is
 :class:`ServerGone` (the caller answers in-process instead); an error the server
 reports becomes the same error, with its exit code.
@@ -20,7 +20,7 @@ from vlmduo.serve import wire
 from vlmduo.serve.runtime import ServerRecord
 
 if TYPE_CHECKING:
-    from vlmduo.pipeline import AskOptions, AskResult
+    from vlmduo.duo.pipeline import AskOptions, AskResult
 
 
 class ServerGone(Exception):
@@ -123,7 +123,7 @@ def read_image(source: str | None, stdin: BinaryIO | None = None) -> tuple[bytes
     in-process), and the ms it took to read."""
     if source is None:
         return None, "", 0.0
-    from vlmduo.images import read_image_bytes
+    from vlmduo.media.images import read_image_bytes
 
     start = time.perf_counter()
     data = read_image_bytes(source, stdin=stdin)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from vlmduo.errors import Cancelled, VlmduoError
 
 if TYPE_CHECKING:
-    from vlmduo.agents import AgentLike, Progress
-    from vlmduo.engine import EngineSettings
-    from vlmduo.images import LoadedImage
-    from vlmduo.pipeline import AskOptions, AskResult
+    from vlmduo.agents.base import AgentLike, Progress
+    from vlmduo.duo.pipeline import AskOptions, AskResult
+    from vlmduo.engine.settings import EngineSettings
+    from vlmduo.media.images import LoadedImage
 
 # Loads the agents of every role; returns them and load milliseconds by model name.
 Loader = Callable[[], "tuple[dict[str, AgentLike], dict[str, float]]"]

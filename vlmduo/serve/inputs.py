@@ -12,12 +12,12 @@ import binascii
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vlmduo.serve.openai_api import ApiError
+from vlmduo.serve.openai_api import ApiError, ask_options
 from vlmduo.serve.wire import Limits
 
 if TYPE_CHECKING:
-    from vlmduo.images import LoadedImage
-    from vlmduo.pipeline import AskOptions
+    from vlmduo.duo.pipeline import AskOptions
+    from vlmduo.media.images import LoadedImage
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,6 @@ class NativeRequest:
 
 def parse_native(body: dict[str, Any]) -> NativeRequest:
     """Validate a native request; ApiError 400 on a mistake."""
-    from vlmduo.errors import UsageError
-    from vlmduo.pipeline import AskOptions
 
     question = body.get("question")
     if not isinstance(question, str):
@@ -41,15 +39,7 @@ def parse_native(body: dict[str, Any]) -> NativeRequest:
     fields = body.get("options") or {}
     if not isinstance(fields, dict):
         raise ApiError(400, "options must be an object of ask options", param="options")
-    try:
-        options = AskOptions(**fields)
-        options.validate()
-    except TypeError as exc:
-        raise ApiError(400, f"invalid options: {exc}", param="options") from None
-    except UsageError as exc:
-        raise ApiError(
-            400, exc.message, code="invalid_value", hint=exc.hint, exit_code=exc.exit_code
-        ) from None
+    options = ask_options(fields, "options")
     engine = body.get("engine")
     if engine is not None and not isinstance(engine, dict):
         raise ApiError(400, "engine must be an object", param="engine")
@@ -59,8 +49,8 @@ def parse_native(body: dict[str, Any]) -> NativeRequest:
 def decode_image(spec: Any, limits: Limits) -> LoadedImage | None:
     """The image of a request (see the module's docstring for the forms), decoded with
     the caps of ``limits``: 413 for an oversized image, 400 for anything else wrong."""
-    from vlmduo import images
     from vlmduo.errors import ImageError
+    from vlmduo.media import images
 
     if spec is None:
         return None

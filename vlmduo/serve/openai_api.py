@@ -22,19 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlmduo import __version__, answers
-from vlmduo.errors import (
-    Cancelled,
-    ContextOverflowError,
-    ImageError,
-    UsageError,
-    VlmduoError,
-)
-from vlmduo.pipeline import MODES, AskOptions, AskResult
+from vlmduo import __version__
+from vlmduo.answers import formats
+from vlmduo.duo.pipeline import MODES, AskOptions, AskResult
+from vlmduo.errors import Cancelled, ContextOverflowError, ImageError, UsageError, VlmduoError
 
 # Options a request may set in its ``vlmduo`` object (the mode comes from the model).
 _EXTENSION_FIELDS = {f.name for f in dataclasses.fields(AskOptions)} - {"mode"}
-_FORMATS = ("auto", *answers.FORMATS)
+_FORMATS = ("auto", *formats.FORMATS)
 
 
 class ApiError(Exception):
@@ -84,6 +79,21 @@ def from_vlmduo_error(exc: VlmduoError) -> ApiError:
     else:
         return ApiError(500, exc.message, type="server_error", hint=exc.hint, exit_code=exc.exit_code)
     return ApiError(status, exc.message, code=code, hint=exc.hint, exit_code=exc.exit_code)
+
+
+def ask_options(fields: dict[str, Any], param: str) -> AskOptions:
+    """The ask's options from a request's fields, checked as ``vlmduo ask`` checks them: a
+    mistake is a 400 with the CLI's message, hint and exit code (2, a usage error). Both
+    endpoints (native and OpenAI's) read their options through here."""
+    try:
+        options = AskOptions(**fields)
+        options.validate()
+    except TypeError as exc:
+        message = f"invalid options: {exc}"
+        raise ApiError(400, message, param=param, code="invalid_value", exit_code=2) from None
+    except UsageError as exc:
+        raise from_vlmduo_error(exc) from None
+    return options
 
 
 # -- models --------------------------------------------------------------------
@@ -166,13 +176,7 @@ def parse_chat(body: dict[str, Any], pair: str) -> ChatRequest:
         fields["temperature"] = _number(body["temperature"], "temperature", 0.0, 2.0)
     if body.get("seed") is not None:
         fields["seed"] = _int(body["seed"], "seed")
-    try:
-        options = AskOptions(**fields)
-        options.validate()
-    except TypeError as exc:
-        raise ApiError(400, f"invalid vlmduo options: {exc}", param="vlmduo") from None
-    except UsageError as exc:
-        raise ApiError(400, exc.message, code="invalid_value") from None
+    options = ask_options(fields, "vlmduo")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", param="stream")

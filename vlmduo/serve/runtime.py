@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmduo import paths
 from vlmduo.errors import UsageError, VlmduoError
 from vlmduo.serve import address
 
@@ -82,7 +83,7 @@ class ServerRecord:
 
 def run_dir() -> Path:
     """Where server records and locks live: ``$VLMDUO_CACHE/run`` or ``~/.cache/vlmduo/run``."""
-    return Path(address.run_dir())
+    return Path(paths.run_dir())
 
 
 def normalize_ref(ref: str | None) -> str | None:

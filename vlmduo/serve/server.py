@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmduo.errors import UsageError, VlmduoError
 from vlmduo.serve import runtime
 from vlmduo.serve.host import Loader, PairHost, PairSpec
 from vlmduo.serve.wire import Limits
+
+if TYPE_CHECKING:
+    from vlmduo.serve.app import CliRunner
 
 
 class ServerError(VlmduoError):
@@ -105,8 +108,11 @@ def serve(
     on_loading: Callable[[runtime.ServerRecord], None] | None = None,
     on_ready: Callable[[runtime.ServerRecord, dict[str, float]], None] | None = None,
     loader: Loader | None = None,
+    cli_runner: CliRunner | None = None,
 ) -> None:
-    """Serve until SIGTERM or Ctrl-C; the record is removed and the lock dropped on the way out."""
+    """Serve until SIGTERM or Ctrl-C; the record is removed and the lock dropped on the way out.
+
+    ``cli_runner`` answers thin ``vlmduo ask`` clients (the command line hands it in)."""
     check_exposure(options.host, options.api_key)
     spec = options.spec
     key = runtime.pair_key(spec.refs)
@@ -141,20 +147,31 @@ def serve(
             if on_ready:
                 on_ready(record, load_ms)
             host.start_idle_watch()
-            _run(options, host, record, sock)
+            _run(options, host, record, sock, cli_runner)
         finally:
             host.close()
             runtime.remove_record(record)
             sock.close()
 
 
-def _run(options: ServeOptions, host: PairHost, record: runtime.ServerRecord, sock: socket.socket) -> None:
+def _run(
+    options: ServeOptions,
+    host: PairHost,
+    record: runtime.ServerRecord,
+    sock: socket.socket,
+    cli_runner: CliRunner | None,
+) -> None:
     import uvicorn
 
     from vlmduo.serve.app import AppConfig, create_app
 
     config = AppConfig(
-        limits=options.limits, engine=record.engine, api_key=options.api_key, url=record.url, record=record
+        limits=options.limits,
+        engine=record.engine,
+        api_key=options.api_key,
+        url=record.url,
+        record=record,
+        cli_runner=cli_runner,
     )
 
     class Server(uvicorn.Server):

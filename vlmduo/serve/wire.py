@@ -5,7 +5,7 @@ exactly the ``ask --json`` object. ``image`` is null, a base64 data URI or (when
 server allows it) an http(s) URL, as in OpenAI's ``image_url``, or
 ``{"data": base64, "name": ..., "read_ms": ...}``: the encoded bytes ``vlmduo ask``
 read itself, with the name its messages use, so an error reads the same as in-process.
-``options`` are :class:`~vlmduo.pipeline.AskOptions` fields; ``engine``, when given,
+``options`` are :class:`~vlmduo.duo.pipeline.AskOptions` fields; ``engine``, when given,
 must equal the server's engine settings (409 otherwise). The server's side of it
 (validation, image decoding under its caps) is in ``vlmduo.serve.inputs``; this
 module stays light, for the client.
@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vlmduo.pipeline import AskOptions, AskResult
+    from vlmduo.duo.pipeline import AskOptions, AskResult
+
+
+class BadCall(ValueError):
+    """A request body that is not a thin client's call (``POST /api/cli/ask``): 400."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ def native_request(
 
 def result_from_json(data: dict[str, Any]) -> AskResult:
     """Rebuild an :class:`AskResult` from its ``--json`` object (``to_json`` gives it back)."""
-    from vlmduo.agents import AgentResult
-    from vlmduo.pipeline import AskResult
+    from vlmduo.agents.base import AgentResult
+    from vlmduo.duo.pipeline import AskResult
 
     def agent(value: dict[str, Any] | None) -> AgentResult | None:
         if value is None:

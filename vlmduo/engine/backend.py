@@ -1,0 +1,63 @@
+"""llama.cpp's backend in this process: started once, what it was built with.
+
+``init`` starts the backend (and vlmduo's log callback) once per process;
+``gpu_offload_supported``, ``backend_name`` and ``threading_policy`` say what the
+build can do and how its threads wait, for the engine and for ``vlmduo doctor``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from vlmduo.engine import logs
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+# The accelerators llama.cpp names in its system info line.
+GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
+
+
+def init(verbose: bool) -> None:
+    global _backend_ready
+    import llama_cpp
+
+    logs.install(verbose)
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build can offload layers to a GPU (CUDA, Metal, ...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def backend_name(system_info: str) -> str:
+    """The accelerator llama.cpp was built with, from its system info line."""
+    found = [name for name in GPU_BACKENDS if f"{name} :" in system_info or f"{name}:" in system_info]
+    return " + ".join(found) if found else "CPU"
+
+
+def threading_policy(system_info: str, environ: dict[str, str] | None = None) -> str:
+    """How llama.cpp's threads wait and share the cores, in one line.
+
+    vlmduo leaves the OpenMP wait policy to libgomp's default (spin briefly,
+    then sleep): measured by benchmarks/threading_policy.py, PASSIVE cost
+    multi-threaded decode 40-65%, and the concurrent duo does not collapse
+    because the two agents split the cores instead of oversubscribing them.
+    """
+    env = os.environ if environ is None else environ
+    cores = os.cpu_count() or 1
+    split = f"duo splits the {cores} cores {max(1, cores // 2)}+{max(1, cores // 2)} while both agents run"
+    if "OPENMP = 1" not in system_info:
+        return f"ggml thread pool (no OpenMP); {split}"
+    policy = env.get("OMP_WAIT_POLICY")
+    spin = env.get("GOMP_SPINCOUNT")
+    waits = f"OMP_WAIT_POLICY={policy} (yours)" if policy else "libgomp default waits (spin, then sleep)"
+    if spin:
+        waits += f", GOMP_SPINCOUNT={spin} (yours)"
+    return f"OpenMP: {waits}; {split}"
