@@ -280,6 +280,30 @@ def _options():
     return AskOptions()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"policy": "sometimes"}, {"think_budget": -1}, {"colour": "red"}],
+)
+def test_both_endpoints_refuse_a_bad_option_alike_and_as_the_cli(fields, isolated_env):
+    from conftest import run_cli
+
+    native = {"question": QUESTION, "image": None, "options": fields}
+    chat = {"model": PAIR, "messages": user(QUESTION), "vlmduo": fields}
+    with running(Agents()) as (url, _):
+        a = _post(url, native, path="/api/ask").json()["error"]
+        b = _post(url, chat).json()["error"]
+    assert (a["code"], a["exit_code"], a.get("hint")) == (b["code"], b["exit_code"], b.get("hint"))
+    assert a["exit_code"] == 2 and a["code"] == "invalid_value"
+    if "colour" not in fields:  # an option the CLI has: its words and its exit code
+        flag = "--" + next(iter(fields)).replace("_", "-")
+        cli = run_cli(
+            ["ask", "example", QUESTION, "--pair", "synthetic", flag, str(next(iter(fields.values())))],
+            isolated_env,
+        )
+        assert cli.returncode == a["exit_code"]
+        assert a["message"] == b["message"] and a["message"] in cli.stderr.decode()
+
+
 # -- load: the queue, disconnects, idle unload ------------------------------------------
 def test_beyond_the_queue_requests_get_429_and_the_rest_are_answered():
     agents = Agents(large={"answer": "A", "delays": {"answer": 1.5}})

@@ -12,7 +12,7 @@ import binascii
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vlmduo.serve.openai_api import ApiError, ask_options
+from vlmduo.serve.openai_api import ApiError, ask_options, option_fields
 from vlmduo.serve.wire import Limits
 
 if TYPE_CHECKING:
@@ -36,10 +36,7 @@ def parse_native(body: dict[str, Any]) -> NativeRequest:
     question = body.get("question")
     if not isinstance(question, str):
         raise ApiError(400, "question must be a string", param="question")
-    fields = body.get("options") or {}
-    if not isinstance(fields, dict):
-        raise ApiError(400, "options must be an object of ask options", param="options")
-    options = ask_options(fields, "options")
+    options = ask_options(option_fields(body.get("options"), "options"))
     engine = body.get("engine")
     if engine is not None and not isinstance(engine, dict):
         raise ApiError(400, "engine must be an object", param="engine")

@@ -27,8 +27,8 @@ from vlmduo.answers import formats
 from vlmduo.duo.pipeline import MODES, AskOptions, AskResult
 from vlmduo.errors import Cancelled, ContextOverflowError, ImageError, UsageError, VlmduoError
 
-# Options a request may set in its ``vlmduo`` object (the mode comes from the model).
-_EXTENSION_FIELDS = {f.name for f in dataclasses.fields(AskOptions)} - {"mode"}
+# The ask's options a request may set (``vlmduo`` object, native ``options``).
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(AskOptions))
 _FORMATS = ("auto", *formats.FORMATS)
 
 
@@ -81,16 +81,32 @@ def from_vlmduo_error(exc: VlmduoError) -> ApiError:
     return ApiError(status, exc.message, code=code, hint=exc.hint, exit_code=exc.exit_code)
 
 
-def ask_options(fields: dict[str, Any], param: str) -> AskOptions:
-    """The ask's options from a request's fields, checked as ``vlmduo ask`` checks them: a
+def option_fields(value: Any, param: str, *, fixed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A request's object of ask options (``format`` names ``fmt``), with every name
+    checked: one the endpoint sets itself (``fixed``) or that no ask has is a usage error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{param} must be an object of ask options", param=param, exit_code=2)
+    fields = dict(value)
+    if "format" in fields:
+        fields["fmt"] = fields.pop("format")
+    known = _OPTION_FIELDS - fixed
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        allowed = ", ".join(sorted("format" if name == "fmt" else name for name in known))
+        message = f"unknown option {unknown[0]!r}: choose from {allowed}"
+        raise ApiError(400, message, param=param, code="invalid_value", exit_code=2)
+    return fields
+
+
+def ask_options(fields: dict[str, Any]) -> AskOptions:
+    """The ask's options from ``option_fields``, checked as ``vlmduo ask`` checks them: a
     mistake is a 400 with the CLI's message, hint and exit code (2, a usage error). Both
     endpoints (native and OpenAI's) read their options through here."""
     try:
         options = AskOptions(**fields)
         options.validate()
-    except TypeError as exc:
-        message = f"invalid options: {exc}"
-        raise ApiError(400, message, param=param, code="invalid_value", exit_code=2) from None
     except UsageError as exc:
         raise from_vlmduo_error(exc) from None
     return options
@@ -164,7 +180,8 @@ def parse_chat(body: dict[str, Any], pair: str) -> ChatRequest:
     for unsupported in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(unsupported):
             raise ApiError(400, f"{unsupported} is not supported by vlmduo", param=unsupported)
-    fields = _extension(body.get("vlmduo"))
+    # The mode comes from the model.
+    fields = option_fields(body.get("vlmduo"), "vlmduo", fixed=frozenset({"mode"}))
     fields["mode"] = mode
     fmt = _response_format(body.get("response_format"))
     if fmt is not None:
@@ -176,7 +193,7 @@ def parse_chat(body: dict[str, Any], pair: str) -> ChatRequest:
         fields["temperature"] = _number(body["temperature"], "temperature", 0.0, 2.0)
     if body.get("seed") is not None:
         fields["seed"] = _int(body["seed"], "seed")
-    options = ask_options(fields, "vlmduo")
+    options = ask_options(fields)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", param="stream")
@@ -227,21 +244,6 @@ def _one_user_turn(messages: Any) -> tuple[str, str | None]:
     if len(images) > 1:
         raise ApiError(400, f"one image per request (got {len(images)})", param="messages")
     return "\n".join(texts), images[0] if images else None
-
-
-def _extension(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ApiError(400, "vlmduo must be an object of ask options", param="vlmduo")
-    fields = dict(value)
-    if "format" in fields:
-        fields["fmt"] = fields.pop("format")
-    unknown = sorted(set(fields) - _EXTENSION_FIELDS)
-    if unknown:
-        allowed = ", ".join(sorted(("format", *(_EXTENSION_FIELDS - {"fmt"}))))
-        raise ApiError(400, f"unknown vlmduo option {unknown[0]!r}: choose from {allowed}", param="vlmduo")
-    return fields
 
 
 def _response_format(value: Any) -> str | None:
