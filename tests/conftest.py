@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +115,88 @@ def run_cli(
     )
 
 
-def interrupt_after(command: list[str], env: dict[str, str], seconds: float) -> tuple[int, bytes]:
-    """Start ``command``, send it SIGINT after ``seconds`` (it must still run), and return
-    its exit code and stderr once it ends."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(seconds)
-    assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-    proc.send_signal(signal.SIGINT)
+def default_sigint() -> None:
+    """In a child, before it runs: SIGINT's default disposition. A shell's background job
+    inherits SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# Endless test models (``endless = true``: greedy decoding never ends a generation or a
+# thought), in the user's registry of a test: an interrupt always finds them at work.
+ENDLESS_REGISTRY = """
+[models.endless-small]
+thinking = true
+[models.endless-small.synthetic]
+family = "qwen3-vl"
+variant = "thinking"
+seed = 1
+endless = true
+[models.endless-large.synthetic]
+family = "qwen3-vl"
+variant = "instruct"
+n_embd = 256
+n_ff = 768
+head_dim = 64
+seed = 2
+endless = true
+[pairs.endless]
+small = "endless-small"
+large = "endless-large"
+"""
+
+
+def with_endless_pair(env: dict[str, str]) -> dict[str, str]:
+    """``env`` whose user registry has the ``endless`` pair (``--pair endless``)."""
+    home = Path(env["VLMDUO_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text(ENDLESS_REGISTRY)
+    return env
+
+
+def interrupt_when(
+    command: list[str], env: dict[str, str], reported: bytes | Callable[[], bool], guard_s: float = 300
+) -> tuple[int, bytes]:
+    """Start ``command`` with its stderr on a terminal, wait until it reports ``reported``
+    there (or until ``reported()`` is true), check that it still runs, send it SIGINT, and
+    return its exit code and everything it wrote on stderr. It waits for states, never for
+    a time: ``guard_s`` only ends a hang."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        command,
+        env={**env, "TERM": "xterm"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        preexec_fn=default_sigint,
+    )
+    os.close(slave)
+    seen = bytearray()
+
+    def read(wait_s: float) -> bool:
+        """Read what is there within ``wait_s``; False once the terminal is closed."""
+        if select.select([master], [], [], wait_s)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: the child closed its end
+                return False
+            seen.extend(chunk)
+            return bool(chunk)
+        return True
+
     try:
-        _, err = proc.communicate(timeout=60)  # a hang guard, not a timing claim
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return proc.returncode, err
+        deadline = time.monotonic() + guard_s
+        ready = (lambda: reported in seen) if isinstance(reported, bytes) else reported
+        while not ready():
+            assert proc.poll() is None, "ended before it reported: " + seen.decode(errors="replace")
+            assert time.monotonic() < deadline, "never reported: " + seen.decode(errors="replace")
+            read(0.05)
+        assert proc.poll() is None, seen.decode(errors="replace")
+        proc.send_signal(signal.SIGINT)
+        while read(1.0) and time.monotonic() < deadline:
+            pass
+        proc.wait(timeout=60)  # a hang guard, not a timing claim
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return proc.returncode, bytes(seen)

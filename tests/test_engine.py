@@ -249,3 +249,35 @@ def test_synthetic_vocabulary_is_unique_and_loads(tmp_path, n_vocab):
         build(spec, tmp_path / "m.gguf", tmp_path / "p.gguf")
         model = VisionLanguageModel(tmp_path / "m.gguf", tmp_path / "p.gguf", EngineSettings(n_ctx=256))
         assert model.n_vocab == n_vocab
+
+
+def test_an_endless_fixture_never_ends_a_greedy_generation(tmp_path, image):
+    """``endless = true`` (the interrupt tests' models): every token llama.cpp treats as an
+    end of generation, and ``</think>``, has a row that can never win an argmax."""
+    from vlmduo.models import fixtures
+
+    def load(endless: bool) -> VisionLanguageModel:
+        params = {"family": "qwen3-vl", "variant": "thinking", "seed": 1, "endless": endless}
+        paths = tmp_path / f"m{endless}.gguf", tmp_path / f"p{endless}.gguf"
+        fixtures.build(params, *paths, name="endless")
+        return VisionLanguageModel(*paths, EngineSettings(n_ctx=2048, n_threads=2), name="endless")
+
+    model = load(True)
+    endings = {model.token_id("</think>")} | {t for t in range(model.n_vocab) if model.is_eog(t)}
+    session = model.session()
+    session.prefill(model.render_prompt("Is it a cat?", image=True), image)
+    for _ in range(3):  # the ending rows sit below the largest logit at every step
+        logits = session.logits()
+        assert max(logits[t] for t in endings) < logits.max()
+        session.generate(1)
+    generation = session.generate(600, stop_tokens=[model.token_id("</think>")])
+    assert generation.stop_reason == "length" and not endings & set(generation.tokens)
+    model.close()
+    # Negative control: the same model without the flag has an ending row above the mean.
+    plain = load(False)
+    session = plain.session()
+    session.prefill(plain.render_prompt("Is it a cat?", image=True), image)
+    logits = session.logits()
+    regular = [t for t in range(plain.n_vocab) if t not in endings]
+    assert max(logits[t] for t in endings) > float(np.mean(logits[regular]))
+    plain.close()

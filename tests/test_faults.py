@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import interrupt_after, run_cli
+from conftest import interrupt_when, with_endless_pair
 
 from vlmduo.agents.scripted import ScriptedAgent
 from vlmduo.duo import pipeline
@@ -249,14 +249,12 @@ def test_close_is_idempotent_and_unload_evicts(small_files):
 
 @pytest.mark.parametrize("mode", ["duo", "large-think"])
 def test_ctrl_c_exits_130_without_finishing_the_reasoning(mode, image_file, isolated_env):
-    # The Qwen3-VL-shaped synthetic pair reasons to its budget (no early end):
-    # 20000 tokens take about a minute here, so an exit soon after the signal
-    # can only come from the interrupt.
-    args = ["ask", str(image_file), "Is it a cat?", "--pair", "synthetic", "--mode", mode]
-    args += ["--think-budget", "20000", "--ctx", "24576"]
-    run_cli(["ask", str(image_file), "Q?", "--pair", "synthetic", "--mode", "large"], isolated_env)  # build
-    # loaded and reasoning after 3 s
-    code, err = interrupt_after([sys.executable, "-m", "vlmduo", *args], isolated_env, 3.0)
+    # The endless pair never ends a thought (greedy): the reasoning runs until the signal
+    # (20000 tokens would take minutes), which is sent once the status line says so.
+    env = with_endless_pair(isolated_env)
+    args = ["ask", str(image_file), "Is it a cat?", "--pair", "endless", "--mode", mode]
+    args += ["--think-budget", "20000", "--ctx", "24576", "--temperature", "0"]
+    code, err = interrupt_when([sys.executable, "-m", "vlmduo", *args], env, b": reason")
     assert code == 130, err.decode()
     assert b"Interrupted" in err and b"Traceback" not in err
 

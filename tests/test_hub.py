@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 from hub_server import FakeHub, fake_gguf
 
 from vlmduo.errors import DiskSpaceError, OfflineError, UsageError
@@ -235,6 +236,7 @@ def test_interrupted_pull_exits_130_and_the_next_pull_resumes(env: dict[str, str
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         assert fake_hub.stalled.wait(timeout=60)

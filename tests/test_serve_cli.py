@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import cli_env, interrupt_after, run_cli
+from conftest import cli_env, interrupt_when, run_cli, with_endless_pair
 from PIL import Image
 
 from vlmduo.media.images import synthetic_image
@@ -341,17 +342,30 @@ def test_the_cli_endpoint_wants_the_token_from_the_record(server, env):
 
 
 def test_ctrl_c_ends_a_thin_client_with_130_and_the_server_serves_on(tmp_path, env, photos):
-    # The Qwen3-VL-shaped synthetic pair reasons to its budget (no early end): 20000
-    # tokens take about a minute, so an exit soon after the signal comes from the interrupt.
-    own = dict(env, VLMDUO_CACHE=str(tmp_path / "cache"))
-    engine = ["--pair", "synthetic", "--ctx", "24576", "--threads", "1", "--image-max-tokens", "256"]
+    # The endless pair never ends a thought (greedy): the server is at work when the
+    # client is interrupted, whatever the machine's speed.
+    own = with_endless_pair(
+        dict(env, VLMDUO_CACHE=str(tmp_path / "cache"), VLMDUO_HOME=str(tmp_path / "home"))
+    )
+    engine = ["--pair", "endless", "--ctx", "24576", "--threads", "1", "--image-max-tokens", "256"]
     started = run_cli(["serve", *engine, "--port", "0", "--keep-alive", "-1", "--detach"], own, timeout=300)
     assert started.returncode == 0, started.stderr.decode()
     try:
-        args = [str(photos / "photo0.png"), "Is it red?", *engine, "--mode", "large-think"]
-        # asked, and the server reasons, after 2 s
-        code, err = interrupt_after([sys.executable, "-c", THIN, *args, "--think-budget", "20000"], own, 2.0)
-        assert code == 130 and b"Interrupted" in err and b"Traceback" not in err
+        (record,) = _records(own)
+        status = f"http://127.0.0.1:{record['port']}/api/status"
+        args = [
+            str(photos / "photo0.png"),
+            "Is it red?",
+            *engine,
+            "--mode",
+            "large-think",
+            "--temperature",
+            "0",
+        ]
+        command = [sys.executable, "-c", THIN, *args, "--mode", "large-think", "--think-budget", "20000"]
+        # Interrupted once the server reports the ask in hand.
+        code, err = interrupt_when(command, own, lambda: httpx.get(status, timeout=10).json()["busy"])
+        assert code == 130 and b"Interrupted" in err and b"Traceback" not in err, err.decode()
         command = [sys.executable, "-c", THIN, *args, "--mode", "large", "--think-budget", "24"]
         after = subprocess.run(command, env=own, capture_output=True, timeout=120)
         assert after.returncode == 0 and b"answered by vlmduo serve" in after.stderr, after.stderr.decode()
