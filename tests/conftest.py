@@ -17,6 +17,8 @@ import pytest
 
 from vlmduo.models.synthetic import SyntheticSpec, build
 
+pytest_plugins = ["real_models"]
+
 SMALL = SyntheticSpec(n_vocab=512, n_embd=128, n_layer=2, n_ff=256, n_head=4, n_head_kv=2, seed=1)
 # Several times the small model's cost per token, as the duo pipeline assumes.
 LARGE = SyntheticSpec(n_vocab=512, n_embd=512, n_layer=4, n_ff=1024, n_head=8, n_head_kv=4, seed=2)

@@ -20,6 +20,16 @@ from vlmduo.errors import ModelError, ProjectorMismatchError
 from vlmduo.timing import StageTimes
 
 LLAMA_TOKEN_NULL = -1
+# The vocabulary tokens libmtmd looks up for a projector type (mtmd.cpp, mtmd_context's
+# constructor: lookup_token). A missing one becomes id -1 in every image's prompt and
+# mtmd-helper.cpp's GGML_ASSERT(idx >= 0) aborts the process: SmolLM2-135M's own
+# vocabulary, for one, lacks SmolVLM's image tokens that SmolVLM2-256M adds to it.
+_PROJECTOR_TOKENS = {
+    "idefics3": ("\n", "\n\n", "<fake_token_around_image>", "<global-img>"),
+    "minicpmv": ("<image>", "</image>", "<slice>", "</slice>"),
+    "step3vl": ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>"),
+    "lfm2": ("<|img_thumbnail|>",),
+}
 # libmtmd's refusal of a projector whose width differs from the model's (mtmd.cpp).
 _MISMATCH = re.compile(
     r"mismatch between text model \(n_embd = (?P<text>\d+)\) and mmproj \(n_embd = (?P<proj>\d+)\)"
@@ -113,6 +123,19 @@ class Weights:
         if self.mmproj_path is not None:
             self._load_projector()
 
+    def _check_projector_tokens(self) -> None:
+        """Refuse a projector whose image tokens this vocabulary lacks (libmtmd would abort)."""
+        needed = _PROJECTOR_TOKENS.get(self.projector_type or "", ())
+        missing = [text for text in needed if self.token_id(text) is None]
+        if missing:
+            names = ", ".join(repr(text) for text in missing)
+            assert self.mmproj_path is not None
+            raise ProjectorMismatchError(
+                f"projector {self.mmproj_path.name} ({self.projector_type}) needs the token(s) {names} "
+                f"that model {self.model_path.name} does not have: they are not a pair",
+                hint="use the mmproj file published with this model",
+            )
+
     def _open_contexts(self) -> None:
         """Between the model and the projector: where a subclass opens its first context
         (so a context setting that cannot work fails before the projector loads)."""
@@ -120,6 +143,7 @@ class Weights:
     def _load_projector(self) -> None:
         import llama_cpp.mtmd_cpp as mtmd
 
+        self._check_projector_tokens()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = backend.gpu_offload_supported() and self.settings.n_gpu_layers != 0
         params.n_threads = self.settings.threads()
@@ -235,3 +259,18 @@ class Weights:
         if self.add_bos and bos and prompt.startswith(bos):
             prompt = prompt[len(bos) :]
         return prompt
+
+    def thinks_natively(self, think_start: str = "<think>", think_end: str = "</think>") -> bool:
+        """True when the chat template opens the assistant's thought (Qwen3-VL Thinking's
+        ends its generation prompt with ``<think>``), or writes an empty closed one when
+        told not to think (a hybrid such as Qwen3's): the model reasons between the
+        markers by itself, whatever a registry entry says."""
+        if self.info.chat_template is None or think_start not in self.info.chat_template:
+            return False
+        question = "Is it?"
+        opened = self.render_prompt(question, image=False)
+        if opened.rstrip().endswith(think_start):
+            return True
+        closed = self.render_prompt(question, image=False, enable_thinking=False)
+        tail = closed[closed.rfind(question) :]
+        return think_start in tail and think_end in tail

@@ -127,7 +127,8 @@ def spec_for(name: str, cache: Path) -> RealSizeSpec:
     quant = quant_of(entry.file)
     module_file = f"vlmduo/fixtures/{module.__name__.rsplit('.', 1)[-1]}.py"
     shape = fixtures.parse({"family": family, **params})[1]
-    key = digest(shape, extra=f"{module.__name__}:{getattr(module, 'VERSION', 1)}:{quant}:{BUILD_VERSION}")
+    builder = fixtures.digest_name(module)
+    key = digest(shape, extra=f"{builder}:{getattr(module, 'VERSION', 1)}:{quant}:{BUILD_VERSION}")
     return RealSizeSpec(
         name=name,
         family=family,
