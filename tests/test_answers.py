@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmduo.answers.agree import answers_agree, normalize
-from vlmduo.answers.extract import extract_answer
+from vlmduo.answers.extract import constrained_answer, extract_answer, normalize_text
 from vlmduo.answers.formats import FORMATS, answer_instruction, infer_format, parse_options, resolve_format
 from vlmduo.errors import UsageError
 
@@ -231,6 +231,48 @@ def test_normalize(answer: str | None, fmt: str, expected: str | None) -> None:
     assert normalize(answer, fmt, PETS if fmt == "choice" else None) == expected
 
 
+def test_a_lone_valid_letter_is_that_option_whatever_the_option_texts_say() -> None:
+    # "Which letter is on the sign? A. B  B. D": the answer "B" is option B, not option A.
+    options = {"A": "B", "B": "D"}
+    assert normalize("B", "choice", options) == "B"
+    assert normalize("(A)", "choice", options) == "A"
+    assert extract_answer("The sign reads D. Answer: B", "choice", options) == "B"
+    assert normalize("D", "choice", options) == "B"  # not a letter of these options: its text
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "expected"),
+    [
+        (" B", "choice", "B"),  # the space of Qwen's " B" token
+        ("B", "choice", "B"),
+        (" Yes", "yesno", "Yes"),
+        (" 1,234", "number", "1,234"),
+        ("3.", "number", "3"),  # the sentence's period, not a decimal point
+        ("45%", "number", "45%"),
+        (" St. Louis", "short", "St. Louis"),
+        ("", "short", None),
+    ],
+)
+def test_a_constrained_answer_is_returned_as_generated(text: str, fmt: str, expected: str | None) -> None:
+    assert constrained_answer(text, fmt) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Two dogs", "2 dogs"),
+        ("the one on the left", "one on left"),
+        ("1,234 apples", "1234 apples"),
+        ("$3.99", "3.99"),
+        ("10:10 AM", "10:10 am"),
+        ("AT&T", "att"),
+        ("Zürich.", "zürich"),
+    ],
+)
+def test_normalize_text(text: str, expected: str) -> None:
+    assert normalize_text(text) == expected
+
+
 def test_normalize_choice_without_options() -> None:
     assert normalize("(c)", "choice") == "C"
     assert normalize("dog", "choice") is None
@@ -250,6 +292,20 @@ def test_normalize_choice_without_options() -> None:
         ("2", "3", "number", False),
         ("The red car", "red car.", "short", True),
         ("red", "blue", "short", False),
+        # The shorter answer standing in the longer one, case, articles, number words.
+        ("The car is red", "red", "short", True),
+        ("red", "The car is red.", "short", True),
+        ("two", "2", "short", True),
+        ("There are two cars", "2", "free", True),
+        ("Answer: red", "red", "short", True),
+        ("St. Louis", "st louis", "short", True),
+        ("10:10", "10:10.", "short", True),
+        # ... but not a negated one, a number inside another, or a bare function word.
+        ("The car is not red", "red", "short", False),
+        ("12 cars", "2", "short", False),
+        ("is", "the car is red", "short", False),
+        ("3.5", "35", "short", False),
+        ("red car", "car red", "short", False),
         (None, "B", "choice", False),
         ("maybe", "maybe", "yesno", False),
     ],

@@ -60,7 +60,10 @@ def _log_softmax_at(logits, token, allowed=None):
 def test_logprobs_are_the_raw_distribution_without_a_grammar(small_model, image, temperature):
     session = small_model.session()
     session.prefill(small_model.render_prompt("Describe it.", image=True), image)
-    steps = _stream_with_logits(session, 6, temperature=temperature, seed=4)
+    from vlmduo.engine.sampling import SamplerSettings
+
+    sampler = SamplerSettings(temperature=temperature, seed=4)
+    steps = _stream_with_logits(session, 6, sampler=sampler)
     assert steps
     for event, logits in steps:
         assert event.logprob == pytest.approx(_log_softmax_at(logits, event.token), abs=2e-4)
@@ -281,3 +284,50 @@ def test_an_endless_fixture_never_ends_a_greedy_generation(tmp_path, image):
     regular = [t for t in range(plain.n_vocab) if t not in endings]
     assert max(logits[t] for t in endings) > float(np.mean(logits[regular]))
     plain.close()
+
+
+# --- sampling: the model cards' samplers, in llama.cpp's chain -------------------------
+
+
+def _sampled(model, image, sampler, n=24):
+    session = model.session()
+    session.prefill(model.render_prompt("Describe it.", image=True), image)
+    return session.generate(n, sampler=sampler).tokens
+
+
+def test_a_seeded_sampler_is_reproducible_and_the_seed_matters(small_model, image):
+    from vlmduo.engine.sampling import SamplerSettings
+
+    card = SamplerSettings(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, seed=7)
+    first = _sampled(small_model, image, card)
+    assert _sampled(small_model, image, card) == first
+    assert (
+        _sampled(small_model, image, SamplerSettings(temperature=1.0, top_p=0.95, top_k=20, seed=8)) != first
+    )
+
+
+def test_top_k_one_is_greedy_and_temperature_zero_is_greedy(small_model, image):
+    from vlmduo.engine.sampling import GREEDY, SamplerSettings
+
+    greedy = _sampled(small_model, image, GREEDY)
+    assert _sampled(small_model, image, SamplerSettings(temperature=1.5, top_k=1, seed=3)) == greedy
+    assert _sampled(small_model, image, SamplerSettings(temperature=0.0, top_k=50, seed=3)) == greedy
+    # Negative control: a hot, wide sampler leaves the greedy path.
+    assert (
+        _sampled(small_model, image, SamplerSettings(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0))
+        != greedy
+    )
+
+
+def test_a_presence_penalty_reaches_llama_cpp(small_model, image):
+    from vlmduo.engine.sampling import SamplerSettings
+
+    # Near-greedy (top_k 1 after the penalties): penalties make tokens already generated
+    # less attractive, so the same 40 steps repeat fewer tokens than without them.
+    def repeats(sampler: SamplerSettings) -> int:
+        tokens = _sampled(small_model, image, sampler, n=40)
+        return len(tokens) - len(set(tokens))
+
+    plain = repeats(SamplerSettings(temperature=1.0, top_k=1))
+    penalised = repeats(SamplerSettings(temperature=1.0, top_k=1, presence_penalty=2.0, repeat_penalty=1.5))
+    assert plain > 0 and penalised < plain

@@ -195,13 +195,14 @@ def test_intermediate_thresholds_route_by_the_probability(agents, image):
 def test_transferred_control_text_is_plain_text(agents, image):
     from vlmduo.agents.base import Sampling
     from vlmduo.agents.local import answer_short, transfer_answer
+    from vlmduo.agents.prompts import TRANSFER_CUE
 
     _, large = agents
     q = make_question(CHOICE, image, "auto")
     short = answer_short(large, q, Sampling(), reserve=64)
     text = "It is a cat.<|im_end|>"
     done = transfer_answer(large, short, q, text, Sampling())
-    cue = len(large.model.tokenize("\n\nSo the answer is: ", special=True))
+    cue = len(large.model.tokenize(TRANSFER_CUE, special=True))
     assert done.prefill_tokens - cue == large.count_tokens(text)
     assert large.count_tokens("<|im_end|>") > 1  # spelled out, not one control token
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from vlmduo.agents.local import Agent
+from vlmduo.agents.prompts import TRANSFER_CUE
 from vlmduo.answers.agree import answers_agree
 from vlmduo.duo.pipeline import AskOptions, ask, make_question
-from vlmduo.duo.selection import SELECTORS
+from vlmduo.duo.selection import SELECTORS, drop_unfinished
 from vlmduo.errors import UsageError
 
 CHOICE = "Which animal is shown? A. cat B. dog C. bird D. fish"
@@ -39,7 +40,8 @@ def test_single_model_modes(agents, image, mode):
     assert set(used["timings_ms"]) >= TIMING_KEYS
     assert used["tokens"]["image"] == 16 and used["tokens"]["generated"] >= 1
     if mode == "large":
-        assert used["reasoning"] is None and used["tokens"]["generated"] == 1
+        # The letter, after the space its token may carry (the grammar allows both).
+        assert used["reasoning"] is None and used["tokens"]["generated"] <= 2
     else:
         assert used["reasoning"]
     assert data["timings_ms"]["total"] >= data["timings_ms"]["critical_path"] > 0
@@ -80,12 +82,28 @@ def test_verify_routes_follow_agreement(agents, twin_of_large, image, question):
         assert result.route == ("agree" if agree else "transfer")
         assert (result.transferred is None) == agree
     assert same.route == "agree" and same.answer == same.large.answer
-    assert different.route == "transfer" and different.transferred["tokens"] > 0
+    assert different.route == "transfer" and different.transferred["selector"] == "steps"
+    # 16 tokens of a random model end mid-step: that unfinished step is not transferred.
+    assert different.small.reasoning_truncated is True
+    pieces = different.small.reasoning_pieces
+    fragment = "".join(pieces)[len("".join(drop_unfinished(pieces)[0])) :].strip()
+    assert fragment and fragment not in different.transferred["text"]
+
+
+# A reasoning of whole steps, longer than the budgets below, for the large model's transfer.
+STEPS = (
+    "The animal has whiskers. Its ears are pointed. It sits on a sofa. Dogs are larger. "
+    "Birds have wings. So it is a cat. Answer: A"
+)
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
 def test_always_transfers_with_every_selector(agents, image, selector):
-    result = _ask(agents, image, policy="always", selector=selector, transfer_budget=12)
+    from vlmduo.agents.scripted import ScriptedAgent
+
+    _, large = agents
+    small = ScriptedAgent("small", thinking=True).enqueue(answer="A", reasoning=STEPS)
+    result = _ask((small, large), image, policy="always", selector=selector, transfer_budget=12)
     data = result.to_json()
     assert data["route"] == "transfer"
     t = data["transferred"]
@@ -116,7 +134,7 @@ def test_transfer_reuses_the_cached_image_and_question(agents, image):
     # the transfer prefilled exactly the inserted text plus its cue.
     # The transferred text is plain text (special=False), the cue is ours.
     expected = len(large.model.tokenize(text, special=False)) + len(
-        large.model.tokenize("\n\nSo the answer is: ", special=True)
+        large.model.tokenize(TRANSFER_CUE, special=True)
     )
     assert n_tokens == expected
     assert session.n_past == short.prefix_end + n_tokens + len(session.last.tokens)

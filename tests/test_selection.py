@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vlmduo.duo.selection import SELECTORS, Selection, select_key_reasoning, split_steps
+from vlmduo.duo.selection import SELECTORS, Selection, drop_unfinished, select_key_reasoning, split_steps
 
 # Realistic small-model reasoning traces, with the question each one answers.
 TRACES: dict[str, tuple[str, str]] = {
@@ -411,3 +411,41 @@ def test_surprisal_tolerates_extreme_logprobs(logprob: float) -> None:
     logprobs[2] = logprob
     selection = select_key_reasoning(pieces, logprobs, "What does it say?", "surprisal", 100)
     assert selection.text == "The sign says STOP. So the answer is STOP."
+
+
+# --- a thought the think budget cut ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pieces", "kept"),
+    [
+        (["The cat ", "is red.", " Next we", " check the"], "The cat is red."),
+        (["The cat ", "is red.", "\n", "So it"], "The cat is red."),
+        (["The cat ", "is red."], "The cat is red."),  # ended complete: all of it
+        (["The cat is red.\n"], "The cat is red.\n"),
+        (["Step 1: count. Step 2: the ", "three"], "Step 1: count."),
+        (["no step ", "ended"], ""),  # not one finished step: nothing
+        ([], ""),
+    ],
+)
+def test_drop_unfinished(pieces: list[str], kept: str) -> None:
+    kept_pieces, logprobs = drop_unfinished(pieces, [-1.0] * len(pieces))
+    assert "".join(kept_pieces).rstrip(" ") == kept
+    assert logprobs is not None and len(logprobs) == len(kept_pieces)
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+@pytest.mark.parametrize("name", sorted(TRACES))
+def test_a_cut_thought_never_transfers_its_unfinished_step(selector: str, name: str) -> None:
+    # Qwen3's own budget example ends "...large language models" mid-sentence; every trace
+    # here, cut mid-word, ends with such a fragment, which every selector favours (it is
+    # the end, where the conclusion usually is).
+    question, text = TRACES[name]
+    cut = text + " So the final answer must be the one with the markin"
+    pieces = [m.group() for m in re.finditer(r"\S+\s*|\s+", cut)]
+    logprobs = [-2.5] * len(pieces)  # the fragment as surprising as anything
+    chosen = select_key_reasoning(pieces, logprobs, question, selector, 40, truncated=True)
+    assert "markin" not in chosen.text and chosen.tokens > 0
+    # Negative control: not cut, the same end is what the selectors take.
+    whole = select_key_reasoning(pieces, logprobs, question, selector, 40)
+    assert "markin" in whole.text or selector == "full"

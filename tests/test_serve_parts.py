@@ -178,7 +178,7 @@ def _body(**kw):
         ({"max_completion_tokens": 6, "max_tokens": 5}, "max_answer_tokens", 6),
         ({"temperature": 0.7}, "temperature", 0.7),
         ({"seed": 42}, "seed", 42),
-        ({}, "temperature", 0.0),  # vlmduo decodes greedily unless asked
+        ({}, "temperature", None),  # each model card's sampling unless asked
         ({"vlmduo": {"think_budget": 32, "policy": "always"}}, "think_budget", 32),
     ],
 )

@@ -47,6 +47,8 @@ class ResolvedModel:
     thinking: bool = False
     think_start: str = "<think>"
     think_end: str = "</think>"
+    # The model card's sampling from the registry (empty: llama.cpp's defaults).
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 def resolve(
@@ -87,7 +89,13 @@ def resolve(
     if mmproj is not None:
         mmproj_path = Path(mmproj).expanduser()
     return ResolvedModel(
-        entry.name, Path(model_path), mmproj_path, entry.thinking, entry.think_start, entry.think_end
+        entry.name,
+        Path(model_path),
+        mmproj_path,
+        entry.thinking,
+        entry.think_start,
+        entry.think_end,
+        entry.sampling,
     )
 
 
@@ -200,7 +208,11 @@ def load_agent(
             taken = any(key[0] == id(model) for key in _contexts)
             context = model.new_context() if taken else model.default_context
             _contexts[(id(model), role)] = context
-    agent = Agent(model, resolved.thinking, resolved.think_start, resolved.think_end, context=context)
+    # A model whose template opens its thought thinks, whatever the registry or file name says.
+    thinking = resolved.thinking or model.thinks_natively(resolved.think_start, resolved.think_end)
+    agent = Agent(
+        model, thinking, resolved.think_start, resolved.think_end, context=context, card=resolved.sampling
+    )
     return agent, load_ms
 
 

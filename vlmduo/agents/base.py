@@ -9,11 +9,12 @@ remote (``agents.remote``) and scripted (``agents.scripted``) agents implement i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vlmduo.answers import grammars
+from vlmduo.engine.sampling import GREEDY, SamplerSettings
 
 if TYPE_CHECKING:
     from vlmduo.engine.session import Session
@@ -66,11 +67,26 @@ class Question:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings shared by both agents."""
+    """The ask's decoding settings, shared by both agents.
 
-    temperature: float = 0.0
+    ``temperature``, when given (``--temperature``), replaces the model cards'
+    temperature for reasoning; constrained answers are always greedy.
+    """
+
+    temperature: float | None = None
     seed: int = 0
     max_answer_tokens: int = 16
+
+
+def reasoning_sampler(card: Iterable[tuple[str, float]], sampling: Sampling) -> SamplerSettings:
+    """The sampler an agent reasons with: its model card's settings (llama.cpp's defaults
+    for what a card leaves out), the user's temperature over them, the ask's seed."""
+    values: dict[str, Any] = dict(card)
+    if sampling.temperature is not None:
+        values["temperature"] = sampling.temperature
+    if "top_k" in values:
+        values["top_k"] = int(values["top_k"])
+    return SamplerSettings(**values, seed=sampling.seed)
 
 
 @dataclass
@@ -84,6 +100,11 @@ class AgentResult:
     timings_ms: dict[str, float]
     answer_probability: float | None = None
     cancelled: bool = False
+    # True when the think budget cut the reasoning (None: this agent did not reason).
+    reasoning_truncated: bool | None = None
+    # How its tokens were picked: the reasoning's sampler when it reasoned, else the
+    # greedy one of its constrained answer (SamplerSettings.to_json).
+    sampling: dict[str, Any] = field(default_factory=lambda: GREEDY.to_json())
     reasoning_pieces: list[str] = field(default_factory=list, repr=False)
     reasoning_logprobs: list[float] = field(default_factory=list, repr=False)
 
@@ -93,6 +114,8 @@ class AgentResult:
             "model": self.model,
             "answer": self.answer,
             "reasoning": self.reasoning,
+            "reasoning_truncated": self.reasoning_truncated,
+            "sampling": dict(self.sampling),
             "tokens": dict(self.tokens),
             "timings_ms": dict(self.timings_ms),
             "answer_probability": self.answer_probability,

@@ -12,10 +12,19 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from vlmduo.agents.base import AgentResult, Progress, Question, Sampling, ShortAnswer, Transfer
-from vlmduo.agents.prompts import ANSWER_CUE, STEP_BY_STEP, TRANSFER_CUE, open_thought, user_text
+from vlmduo.agents import prompts
+from vlmduo.agents.base import (
+    AgentResult,
+    Progress,
+    Question,
+    Sampling,
+    ShortAnswer,
+    Transfer,
+    reasoning_sampler,
+)
 from vlmduo.answers import extract
 from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.sampling import GREEDY
 from vlmduo.engine.session import Context, Generation, Session
 
 
@@ -33,6 +42,8 @@ class Agent:
     think_start: str = "<think>"
     think_end: str = "</think>"
     context: Context | None = None
+    # The model card's sampling (registry keys and values), for its reasoning.
+    card: tuple[tuple[str, float], ...] = ()
 
     @property
     def name(self) -> str:
@@ -93,7 +104,8 @@ def _constrained_answer(
     phase: str = "answer",
     stage: str = "decode",
 ) -> Generation:
-    """Decode the short answer under the format's grammar, keeping log-probs for its probability."""
+    """Decode the short answer under the format's grammar, greedily, keeping log-probs
+    for its probability."""
     return _stream(
         session,
         agent,
@@ -102,8 +114,7 @@ def _constrained_answer(
         progress,
         grammar=question.grammar,
         logprobs=True,
-        temperature=sampling.temperature,
-        seed=sampling.seed,
+        sampler=GREEDY,
         stage=stage,
     )
 
@@ -127,10 +138,11 @@ def _result(
 
 
 def _answer_from(gen: Generation, question: Question) -> str | None:
-    text = gen.text.strip()
+    """The answer a constrained generation gave, as generated (a letter is that letter,
+    never read through the options' text); free text as written."""
     if question.grammar is None:
-        return text or None
-    return extract.extract_answer(text, question.fmt, question.options or None) or (text or None)
+        return gen.text.strip() or None
+    return extract.constrained_answer(gen.text, question.fmt)
 
 
 def _probability(gen: Generation) -> float | None:
@@ -151,7 +163,8 @@ def reason_then_answer(
     reasoning_logprobs: bool = False,
 ) -> AgentResult:
     """Reason (inside thinking markers, or step by step) for at most ``think_budget``
-    tokens, close the reasoning, then decode a constrained answer.
+    tokens with the model card's sampling, close the reasoning (with Qwen3's hand-off
+    when the budget cut it), then decode a constrained answer greedily.
 
     ``reasoning_logprobs`` keeps each reasoning token's log-probability (the
     ``surprisal`` selector reads them); off, no softmax over the vocabulary is
@@ -159,16 +172,17 @@ def reason_then_answer(
     """
     model = agent.model
     prompt = model.render_prompt(
-        user_text(question, "" if agent.thinking else STEP_BY_STEP),
+        prompts.reasoning_text(question, agent.thinking),
         image=question.image is not None,
         enable_thinking=True if agent.thinking else None,
     )
     if agent.thinking:
-        prompt, _ = open_thought(prompt, agent.think_start, agent.think_end)
+        prompt, _ = prompts.open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session(cancel)
-    reserve = think_budget + sampling.max_answer_tokens + 16
+    reserve = think_budget + sampling.max_answer_tokens + 16 + model.count_tokens(prompts.BUDGET_HANDOFF)
     session.prefill(prompt, question.image, reserve=reserve)
     stop = model.token_id(agent.think_end) if agent.thinking else None
+    sampler = reasoning_sampler(agent.card, sampling)
     thought = _stream(
         session,
         agent,
@@ -177,8 +191,7 @@ def reason_then_answer(
         progress,
         logprobs=reasoning_logprobs,
         stop_tokens=() if stop is None else (stop,),
-        temperature=sampling.temperature,
-        seed=sampling.seed,
+        sampler=sampler,
     )
     pieces, logprobs = list(thought.pieces), list(thought.logprobs)
     if thought.stop_reason == "stop":  # the closing marker itself is not reasoning
@@ -186,13 +199,18 @@ def reason_then_answer(
     reasoning = "".join(pieces)
     if agent.thinking and agent.think_end in reasoning:
         reasoning = reasoning.split(agent.think_end)[0]
+    truncated = thought.stop_reason in ("length", "context")
     if thought.stop_reason == "cancelled":
         result = _result(agent, session, None, reasoning.strip(), load_ms)
         result.cancelled = True
         result.reasoning_pieces, result.reasoning_logprobs = pieces, logprobs
+        result.sampling = sampler.to_json()
         return result
-    # Close the reasoning ourselves (also when the budget ran out) and force the answer.
-    closer = f"\n{agent.think_end}\n\n" if agent.thinking else ANSWER_CUE
+    # Close the reasoning ourselves (with the hand-off when the budget ran out) and force the answer.
+    if agent.thinking:
+        closer = prompts.close_thought(reasoning, agent.think_end, truncated=truncated)
+    else:
+        closer = prompts.close_reasoning(truncated)
     session.append(closer, stage="prefill")
     final = _constrained_answer(session, agent, question, sampling, progress)
     answer = _answer_from(final, question)
@@ -200,6 +218,8 @@ def reason_then_answer(
         answer = extract.extract_answer(reasoning, question.fmt, question.options or None)
     result = _result(agent, session, answer, reasoning.strip(), load_ms)
     result.answer_probability = _probability(final)
+    result.reasoning_truncated = truncated
+    result.sampling = sampler.to_json()
     result.reasoning_pieces, result.reasoning_logprobs = pieces, logprobs
     return result
 
@@ -220,13 +240,13 @@ def answer_short(
     """
     model = agent.model
     prompt = model.render_prompt(
-        user_text(question, ""),
+        prompts.answer_text(question),
         image=question.image is not None,
         enable_thinking=False if agent.thinking else None,
     )
     closed = False
     if agent.thinking:
-        prompt, closed = open_thought(prompt, agent.think_start, agent.think_end)
+        prompt, closed = prompts.open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session(cancel)
     session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
     prefix_end = session.n_past
@@ -257,7 +277,10 @@ def transfer_answer(
     if session is None:
         raise ValueError("this short answer kept no session to transfer into")
     session.rewind(short.prefix_end)
-    cue = f"\n{agent.think_end}\n\n" if agent.thinking else TRANSFER_CUE
+    if agent.thinking:
+        cue = prompts.close_thought(transferred_text, agent.think_end, truncated=False)
+    else:
+        cue = prompts.TRANSFER_CUE
     before = session.times.get("transfer_prefill")
     # The other model's text is plain text: a "<|im_end|>" it wrote must not
     # become a control token in this model's cache. The cue is ours.

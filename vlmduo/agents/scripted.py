@@ -87,6 +87,7 @@ class ScriptedAgent:
             return result
         result = self._result(script.answer, "".join(pieces), len(pieces), kwargs)
         result.answer_probability = script.probability
+        result.reasoning_truncated = len(script.reasoning.split()) > think_budget
         result.reasoning_pieces = pieces
         result.reasoning_logprobs = [-1.0] * len(pieces)
         return result

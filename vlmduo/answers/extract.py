@@ -153,11 +153,16 @@ def parse_choice(span: str, options: dict[str, str] | None, strict: bool) -> str
     letters = option_letters(options)
     text = strip_markup(span)
     text = re.sub(r"^(?:option|choice|letter)\s*", "", text, flags=re.IGNORECASE)
+    m = re.match(r"[(\[]?([A-Za-z])[)\]]?(?=$|[^\w'])(.*)", text, re.DOTALL)
+    valid = bool(m) and m.group(1).upper() in letters  # type: ignore[union-attr]
+    # A lone valid letter is that option, even when another option's text is that
+    # letter ("Which letter is on the sign? A. B  B. D": "B" is option B).
+    if valid and m and not m.group(2).strip(" .):]!"):
+        return m.group(1).upper()
     by_text = _match_option_text(_first_sentence(text), options, whole=True)
     if by_text:
         return by_text
-    m = re.match(r"[(\[]?([A-Za-z])[)\]]?(?=$|[^\w'])(.*)", text, re.DOTALL)
-    if m and m.group(1).upper() in letters:
+    if valid and m:
         letter, rest = m.group(1), m.group(2)
         upper = letter.upper()
         alone = not rest.strip(" .):]!")
@@ -327,8 +332,36 @@ def extract_answer(text: str, fmt: str, options: dict[str, str] | None = None) -
 
 
 def normalize_text(answer: str) -> str | None:
+    """Lowercase words for comparing texts: number words as digits ("two" -> "2"),
+    thousands separators dropped, punctuation and symbols dropped (but the "." and ":"
+    between digits: "3.5", "10:10"), hyphens as spaces, no articles."""
     text = unicodedata.normalize("NFKC", answer).lower().replace("-", " ")
-    text = "".join(" " if ch.isspace() else ch for ch in text)
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith(("P", "S")))
-    words = [w for w in text.split() if w not in {"a", "an", "the"}]
+    text = _WORDS_RE.sub(lambda m: _number_word(text, m), text)
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
+    kept = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            kept.append(" ")
+        elif unicodedata.category(ch).startswith(("P", "S")):
+            between_digits = ch in ".:" and text[i - 1 : i].isdigit() and text[i + 1 : i + 2].isdigit()
+            if between_digits:
+                kept.append(ch)
+        else:
+            kept.append(ch)
+    words = [w for w in "".join(kept).split() if w not in {"a", "an", "the"}]
     return " ".join(words) or None
+
+
+def _number_word(text: str, m: re.Match[str]) -> str:
+    if m.group().lower() == "one" and _is_pronoun_one(text, m.start(), m.end()):
+        return m.group()
+    return str(_words_value(m.group()))
+
+
+def constrained_answer(text: str, fmt: str) -> str | None:
+    """A reply the format's grammar held as the answer: as generated, without the space
+    its first token carried and, for a number, without the period ending its sentence."""
+    answer = text.strip()
+    if fmt == "number" and answer.endswith("."):
+        answer = answer[:-1]
+    return answer or None

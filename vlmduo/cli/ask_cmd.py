@@ -14,7 +14,7 @@ from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
 from vlmduo.cli.render import show_reasoning, stderr_console, timing_table
 from vlmduo.cli.served import forbid_local
-from vlmduo.duo.pipeline import AskOptions
+from vlmduo.duo.pipeline import DEFAULT_THINK_BUDGET, AskOptions
 from vlmduo.errors import UsageError
 from vlmduo.media.images import EXAMPLE_IMAGE
 
@@ -95,7 +95,7 @@ def ask(
         str, typer.Option("--format", help="auto, choice, yesno, number, short or free.")
     ] = "auto",
     max_answer_tokens: opt.MaxAnswerTokens = 16,
-    think_budget: opt.ThinkBudget = 256,
+    think_budget: opt.ThinkBudget = DEFAULT_THINK_BUDGET,
     transfer_budget: opt.TransferBudget = 64,
     selector: Annotated[str, typer.Option(help="full, tail, steps or surprisal.")] = "steps",
     confidence_threshold: Annotated[
@@ -112,7 +112,14 @@ def ask(
         bool, typer.Option("--sequential", help="Run the two agents one after the other.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="Reasoning temperature (0: greedy). Default: each model card's sampling "
+            "(models.toml); constrained answers are always greedy.",
+            show_default=False,
+        ),
+    ] = None,
     threads: opt.Threads = None,
     n_gpu_layers: opt.NGpuLayers = -1,
     ctx: opt.Ctx = 4096,

@@ -22,7 +22,7 @@ from vlmduo.cli.render import (
     progress_bar,
     stderr_console,
 )
-from vlmduo.duo.pipeline import AskOptions
+from vlmduo.duo.pipeline import DEFAULT_THINK_BUDGET, AskOptions
 from vlmduo.errors import UsageError
 
 if TYPE_CHECKING:  # imported when the command runs, not for --help
@@ -170,7 +170,7 @@ def eval_command(
     small_mmproj: opt.SmallMmproj = None,
     large_mmproj: opt.LargeMmproj = None,
     pair: opt.Pair = "default",
-    think_budget: opt.ThinkBudget = 256,
+    think_budget: opt.ThinkBudget = DEFAULT_THINK_BUDGET,
     max_answer_tokens: opt.MaxAnswerTokens = 16,
     transfer_budget: opt.TransferBudget = 64,
     threads: opt.Threads = None,

@@ -30,6 +30,11 @@ MODES = ("duo", "small", "large", "large-think")
 PROMPT_ALLOWANCE = 256
 IMAGE_TOKENS_FLOOR = 64
 POLICIES = ("verify", "confidence", "always")
+# Reasoning tokens by default. Qwen, on its thinking budget: "We recommend ... setting it
+# higher than 1024 for meaningful improvements across tasks" (QwenLM/Qwen3 docs,
+# quickstart.md, "Thinking Budget"); the model cards ask for up to 40960. A thought the
+# budget cuts ends with Qwen3's own hand-off and is reported (reasoning_truncated).
+DEFAULT_THINK_BUDGET = 1024
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,12 @@ class AskOptions:
     policy: str = "verify"
     fmt: str = "auto"
     max_answer_tokens: int = 16
-    think_budget: int = 256
+    think_budget: int = DEFAULT_THINK_BUDGET
     transfer_budget: int = 64
     selector: str = "steps"
     sequential: bool = False
     seed: int = 0
-    temperature: float = 0.0
+    temperature: float | None = None  # None: each model card's, for reasoning
     confidence_threshold: float = 0.8
 
     def image_token_budget(self, n_ctx: int) -> int:
@@ -72,7 +77,7 @@ class AskOptions:
             (self.think_budget >= 0, "--think-budget must not be negative"),
             (self.transfer_budget >= 0, "--transfer-budget must not be negative"),
             (0.0 <= self.confidence_threshold <= 1.0, "the confidence threshold must be in [0, 1]"),
-            (self.temperature >= 0.0, "--temperature must not be negative"),
+            (self.temperature is None or self.temperature >= 0.0, "--temperature must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,11 +114,13 @@ class AskResult:
 
 
 def make_question(text: str, image: LoadedImage | None, fmt: str) -> Question:
-    """Resolve ``auto`` and parse options once, for both agents."""
+    """Resolve ``auto`` and parse options once, for both agents. The models are sent the
+    question without a harness's answer-style instructions (vlmduo's own replace them)."""
     if not text.strip():
         raise UsageError("the question is empty")
-    resolved = formats.resolve_format(fmt, text)
-    return Question(text=text.strip(), image=image, fmt=resolved, options=formats.parse_options(text))
+    parsed = formats.parse_question(text)
+    resolved = formats.resolve_format(fmt, parsed)
+    return Question(text=parsed.text, image=image, fmt=resolved, options=parsed.options)
 
 
 def ask(
@@ -321,6 +328,7 @@ class _Duo:
             self.options.selector,
             self.options.transfer_budget,
             count_tokens=self.large.count_tokens,
+            truncated=bool(small_result.reasoning_truncated),
         )
         timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
         work = workers.spawn(

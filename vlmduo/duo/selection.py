@@ -152,8 +152,14 @@ def select_key_reasoning(
     selector: str,
     budget: int,
     count_tokens: Callable[[str], int] | None = None,
+    *,
+    truncated: bool = False,
 ) -> Selection:
     """Choose the key reasoning to transfer, at most ``budget`` tokens long.
+
+    ``truncated`` says the think budget cut the reasoning: its unfinished last step
+    (a sentence or line the cut left dangling) is never transferred, whatever the
+    selector (every selector favours the end, where the fragment is).
 
     ``pieces`` are the small model's generated tokens (thinking markers removed)
     and ``logprobs[i]`` the log-probability it gave ``pieces[i]``. Tokens are
@@ -173,6 +179,8 @@ def select_key_reasoning(
         raise ValueError(f"{len(logprobs)} logprobs for {len(pieces)} pieces")
     if selector == "surprisal" and logprobs is None:
         raise ValueError("the surprisal selector needs the small model's logprobs")
+    if truncated:
+        pieces, logprobs = drop_unfinished(pieces, logprobs)
     text = "".join(pieces)
     counter = _Counter(text, _piece_offsets(pieces), count_tokens)
     if budget == 0 or not text.strip():
@@ -190,6 +198,29 @@ def select_key_reasoning(
             order = _rank_by_surprisal(steps, logprobs, question)
         spans = _select_ranked(steps, order, counter, budget)
     return Selection(selector, counter.render(spans), counter.cost(spans))
+
+
+def drop_unfinished(
+    pieces: Sequence[str], logprobs: Sequence[float] | None = None
+) -> tuple[list[str], list[float] | None]:
+    """The reasoning up to the end of its last complete step (a sentence end or a line
+    break), as pieces and their log-probabilities: all of it when it ends complete,
+    nothing when not one step was finished."""
+    text = "".join(pieces)
+    if not text.strip():
+        return [], None if logprobs is None else []
+    cuts = [cut for cut in _boundaries(text) if text[:cut].strip()]
+    if not cuts:
+        return [], None if logprobs is None else []
+    if not text[cuts[-1] :].strip():
+        return list(pieces), None if logprobs is None else list(logprobs)
+    end, kept, offset = cuts[-1], [], 0
+    for piece in pieces:
+        if offset >= end:
+            break
+        kept.append(piece[: end - offset])
+        offset += len(piece)
+    return kept, None if logprobs is None else list(logprobs[: len(kept)])
 
 
 class _Counter:

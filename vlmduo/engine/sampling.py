@@ -7,7 +7,9 @@ vocabulary entry. ``make_sampler`` builds the chain a ``Session`` decodes with.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vlmduo.engine import logs
@@ -26,11 +28,45 @@ def _grammar_sampler(model: Weights, grammar: str) -> object:
     return g
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a generation picks its tokens: greedy at temperature 0, else llama.cpp's
+    samplers in llama.cpp's own order (penalties, top-k, top-p, min-p, temperature, a
+    seeded draw). Zero top_k, one top_p, zero min_p and neutral penalties are off.
+
+    The defaults are llama.cpp's own (``common_params_sampling``): what a model gets
+    when its card publishes nothing.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64  # the generated tokens the penalties look back over
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most probable token is always taken."""
+        return self.temperature <= 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        """What ``--json`` reports of an agent's sampling."""
+        if self.greedy:
+            return {"temperature": 0.0, "seed": self.seed}
+        return dataclasses.asdict(self)
+
+
+GREEDY = SamplerSettings(temperature=0.0)
+
+
 def make_sampler(
     model: Weights,
     grammar: str | None,
-    temperature: float,
-    seed: int,
+    settings: SamplerSettings,
     probe: LogProbProbe | None = None,
 ) -> object:
     """One llama.cpp chain: [grammar], [the probe], selection; ``llama_sampler_sample``
@@ -47,21 +83,33 @@ def make_sampler(
         llama_cpp.llama_sampler_chain_add(chain, g)
     if probe is not None:
         probe.add_to(chain)
-    _add_selection(chain, temperature, seed)
+    _add_selection(chain, settings, model.n_vocab)
     return chain
 
 
-def _add_selection(chain: object, temperature: float, seed: int) -> None:
-    """Greedy at temperature 0, else top-k 40, top-p 0.95, temperature, seeded draw."""
+def _add_selection(chain: object, s: SamplerSettings, n_vocab: int) -> None:
+    """Greedy, or llama.cpp's order of samplers (``common_sampler_init``), each only when on."""
     import llama_cpp
 
-    if temperature <= 0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-    else:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(40))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    add = llama_cpp.llama_sampler_chain_add
+    if s.greedy:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return
+    if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            ),
+        )
+    if s.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+    if s.top_p < 1.0:
+        add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+    if s.min_p > 0.0:
+        add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+    add(chain, llama_cpp.llama_sampler_init_dist(s.seed))
 
 
 class LogProbProbe:

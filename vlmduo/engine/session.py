@@ -388,8 +388,7 @@ class Session:
         *,
         grammar: str | None = None,
         stop_tokens: Iterable[int] = (),
-        temperature: float = 0.0,
-        seed: int = 0,
+        sampler: sampling.SamplerSettings = sampling.GREEDY,
         logprobs: bool = False,
         cancel: threading.Event | None = None,
         stage: str = "decode",
@@ -401,10 +400,11 @@ class Session:
         end it without being yielded. ``self.last`` holds the collected
         generation and its ``stop_reason`` when the stream ends.
 
-        ``logprobs`` are under the distribution sampled from: with a grammar,
-        the model's distribution renormalised over the tokens the grammar
-        allows at that step (a forced token has probability 1), so a
-        constrained answer's probability means what it says.
+        ``sampler`` picks the tokens (greedy by default). ``logprobs`` are the model's
+        at temperature 1, before any truncation or penalty of ``sampler``: with a
+        grammar, renormalised over the tokens the grammar allows at that step (a
+        forced token has probability 1), so a constrained answer's probability
+        means what it says.
         """
         import llama_cpp
 
@@ -412,7 +412,7 @@ class Session:
         model = self.model
         cancel = cancel or self.cancel
         probe = sampling.LogProbProbe() if logprobs else None
-        sampler = sampling.make_sampler(model, grammar, temperature, seed, probe)
+        chain = sampling.make_sampler(model, grammar, sampler, probe)
         stops = set(stop_tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         batch = ctx._batch
@@ -423,7 +423,7 @@ class Session:
                 if cancel is not None and cancel.is_set():
                     self.last.stop_reason = "cancelled"
                     break
-                token = llama_cpp.llama_sampler_sample(sampler, ctx._ctx, -1)
+                token = llama_cpp.llama_sampler_sample(chain, ctx._ctx, -1)
                 lp = probe.logprob(ctx._ctx, token) if probe is not None else None
                 if model.is_eog(token):
                     self.last.stop_reason = "eog"
@@ -449,7 +449,7 @@ class Session:
             elapsed = (time.perf_counter() - start) * 1000.0
             self.last.decode_ms = elapsed
             self.times.add(stage, elapsed)
-            llama_cpp.llama_sampler_free(sampler)  # and the probe's samplers, in its chain
+            llama_cpp.llama_sampler_free(chain)  # and the probe's samplers, in its chain
 
     def generate(self, max_tokens: int, **kwargs: object) -> Generation:
         """Run ``stream`` to the end and return what it generated."""

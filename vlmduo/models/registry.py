@@ -53,7 +53,17 @@ _STR_KEYS = frozenset(
 )
 _BOOL_KEYS = frozenset({"thinking", "verified"})
 _NUMBER_KEYS = frozenset({"size_gb", "memory_gb", "timeout"})
-_MODEL_KEYS = _STR_KEYS | _BOOL_KEYS | _NUMBER_KEYS | {"synthetic"}
+# A model card's recommended sampling, for the tokens a model reasons with (its
+# constrained answers are greedy): each key with the range llama.cpp accepts.
+SAMPLING_KEYS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 5.0),
+    "top_p": (0.0, 1.0),
+    "top_k": (0, 1_000_000),
+    "min_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "repeat_penalty": (0.0, 5.0),
+}
+_MODEL_KEYS = _STR_KEYS | _BOOL_KEYS | _NUMBER_KEYS | set(SAMPLING_KEYS) | {"synthetic"}
 _PAIR_KEYS = frozenset({"small", "large", "notes"})
 _TOP_KEYS = frozenset({"models", "pairs"})
 _HUB_ONLY = ("repo", "file", "revision", "sha256", "mmproj_sha256")
@@ -97,6 +107,8 @@ class ModelEntry:
     server: str | None = None  # remote: one of SERVERS; None: detected
     timeout: float | None = None  # remote: seconds to wait for one reply
     origin: Path | None = None
+    # The model card's sampling (SAMPLING_KEYS), as (key, value) pairs: what is published.
+    sampling: tuple[tuple[str, float], ...] = ()
 
     @property
     def is_hub(self) -> bool:
@@ -282,6 +294,7 @@ def _common(name: str, table: dict[str, Any], path: Path) -> dict[str, Any]:
         "family": table.get("family"),
         "notes": table.get("notes"),
         "origin": path,
+        "sampling": tuple((key, table[key]) for key in SAMPLING_KEYS if key in table),
     }
 
 
@@ -360,6 +373,19 @@ def _check_types(table: dict[str, Any], path: Path, where: str) -> None:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if key in _NUMBER_KEYS and not (number and value >= 0):
             raise _bad(path, where, f"{key} must be a non-negative number")
+    for key, (low, high) in SAMPLING_KEYS.items():
+        value = table.get(key)
+        if value is None:
+            continue
+        whole = key != "top_k" or isinstance(value, int)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not whole
+            or not low <= value <= high
+        ):
+            kind = "a whole number" if key == "top_k" else "a number"
+            raise _bad(path, where, f"{key} must be {kind} from {low:g} to {high:g}")
     if "role" in table and table["role"] not in ROLES:
         raise _bad(path, where, f"role must be one of {', '.join(ROLES)}")
     synthetic = table.get("synthetic")

@@ -63,7 +63,7 @@ def result_from_json(data: dict[str, Any]) -> AskResult:
     def agent(value: dict[str, Any] | None) -> AgentResult | None:
         if value is None:
             return None
-        return AgentResult(
+        result = AgentResult(
             model=value["model"],
             answer=value["answer"],
             reasoning=value["reasoning"],
@@ -71,7 +71,11 @@ def result_from_json(data: dict[str, Any]) -> AskResult:
             timings_ms=value["timings_ms"],
             answer_probability=value.get("answer_probability"),
             cancelled=value.get("cancelled", False),
+            reasoning_truncated=value.get("reasoning_truncated"),
         )
+        if value.get("sampling") is not None:
+            result.sampling = value["sampling"]
+        return result
 
     return AskResult(
         answer=data["answer"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -25,11 +26,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from vlmduo.agents.base import AgentResult, Progress, Question, Sampling, ShortAnswer, Transfer
-from vlmduo.agents.prompts import ANSWER_CUE, STEP_BY_STEP, TRANSFER_CUE
+from vlmduo.agents import prompts
+from vlmduo.agents.base import (
+    AgentResult,
+    Progress,
+    Question,
+    Sampling,
+    ShortAnswer,
+    Transfer,
+    reasoning_sampler,
+)
 from vlmduo.agents.remote import servers
 from vlmduo.agents.remote.client import CancelFlag, Client, Reply, normalize_url, server_root
-from vlmduo.answers import extract, formats
+from vlmduo.answers import extract
+from vlmduo.engine.sampling import GREEDY, SamplerSettings
 from vlmduo.errors import Cancelled, RemoteError
 from vlmduo.timing import now_ms
 
@@ -58,6 +68,7 @@ class RemoteModel:
     think_start: str = "<think>"
     think_end: str = "</think>"
     timeout: float = DEFAULT_TIMEOUT_S
+    card: tuple[tuple[str, float], ...] = ()  # the model card's sampling (registry keys)
 
 
 def is_remote_ref(ref: str) -> bool:
@@ -93,6 +104,7 @@ def from_entry(entry: ModelEntry) -> RemoteModel:
         think_start=entry.think_start,
         think_end=entry.think_end,
         timeout=entry.timeout or DEFAULT_TIMEOUT_S,
+        card=entry.sampling,
     )
 
 
@@ -203,8 +215,8 @@ class RemoteAgent:
             from vlmduo.media.images import synthetic_image
 
             probe = Question("What is in this image?", synthetic_image(32, 32), "free")
-            user, _ = self._user(probe, "")
-            self.client.chat(self._body([user], 1, Sampling(max_answer_tokens=1)))
+            user, _ = self._user(probe, prompts.answer_text(probe))
+            self.client.chat(self._body([user], 1, GREEDY))
             report["vision"] = True
         except RemoteError as exc:
             report["error"] = exc.message
@@ -266,12 +278,14 @@ class RemoteAgent:
         progress: Progress | None = None,
         reasoning_logprobs: bool = False,
     ) -> AgentResult:
-        """Reason for at most ``think_budget`` tokens (one request), then continue that
-        reply, closed, to a constrained answer (a second request the prefix cache serves)."""
+        """Reason for at most ``think_budget`` tokens (one request, the model card's
+        sampling), then continue that reply, closed (with Qwen3's hand-off when the
+        budget cut it), to a constrained answer (a second request the prefix cache serves)."""
         self.connect(cancel)
-        user, image_ms = self._user(question, "" if self.thinking else STEP_BY_STEP)
+        user, image_ms = self._user(question, prompts.reasoning_text(question, self.thinking))
         _tell(progress, self.name, "reason", 0)
-        body = self._body([user], think_budget, sampling, logprobs=reasoning_logprobs)
+        sampler = reasoning_sampler(self.ref.card, sampling)
+        body = self._body([user], think_budget, sampler, logprobs=reasoning_logprobs)
         try:
             first = self.client.chat(body, cancel=cancel, on_chunk=_teller(progress, self.name, "reason"))
         except Cancelled:
@@ -279,8 +293,12 @@ class RemoteAgent:
         pieces, logprobs = self._reasoning(first, reasoning_logprobs)
         reasoning = "".join(pieces)
         _tell(progress, self.name, "reason", first.completion_tokens)
-        closed = f"{self.ref.think_start}\n{reasoning}\n{self.ref.think_end}\n\n" if self.thinking else None
-        prefill = closed or reasoning + ANSWER_CUE
+        truncated = first.finish_reason == "length"
+        if self.thinking:
+            closer = prompts.close_thought(reasoning, self.ref.think_end, truncated=truncated)
+            prefill = f"{self.ref.think_start}\n{reasoning}{closer}"
+        else:
+            prefill = reasoning + prompts.close_reasoning(truncated)
         try:
             messages = [user, _assistant(prefill)]
             second = self._constrained(
@@ -293,6 +311,8 @@ class RemoteAgent:
             answer = extract.extract_answer(reasoning, question.fmt, question.options or None)
         result = self._result([first, second], answer, reasoning.strip(), load_ms, image_ms, constrained)
         result.answer_probability = self._probability(second, question)
+        result.reasoning_truncated = truncated
+        result.sampling = sampler.to_json()
         result.reasoning_pieces, result.reasoning_logprobs = pieces, logprobs
         _tell(progress, self.name, "answer", second.completion_tokens)
         return result
@@ -313,7 +333,7 @@ class RemoteAgent:
         the local agent does. ``reserve`` is the server's business (its context).
         """
         self.connect(cancel)
-        user, image_ms = self._user(question, "")
+        user, image_ms = self._user(question, prompts.answer_text(question))
         messages = [user]
         if self.thinking:
             messages.append(_assistant(f"{self.ref.think_start}\n\n{self.ref.think_end}\n\n"))
@@ -342,9 +362,10 @@ class RemoteAgent:
         if not isinstance(short, RemoteShortAnswer) or short.user is None:
             raise ValueError("this short answer did not come from a remote agent")
         if self.thinking:
-            prefill = f"{self.ref.think_start}\n{text}\n{self.ref.think_end}\n\n"
+            closer = prompts.close_thought(text, self.ref.think_end, truncated=False)
+            prefill = f"{self.ref.think_start}\n{text}{closer}"
         else:
-            prefill = text + TRANSFER_CUE
+            prefill = text + prompts.TRANSFER_CUE
         _tell(progress, self.name, "transfer", 0)
         messages = [short.user, _assistant(prefill)]
         reply = self._constrained(
@@ -386,10 +407,9 @@ class RemoteAgent:
     def _kind(self) -> str:
         return self.server or "openai"
 
-    def _user(self, question: Question, extra: str) -> tuple[dict[str, Any], float]:
-        """The user message (image first, as the local prompt has it) and the ms spent encoding the image."""
-        instruction = formats.answer_instruction(question.fmt, question.options or None)
-        text = "\n".join(part for part in (question.text, instruction, extra) if part)
+    def _user(self, question: Question, text: str) -> tuple[dict[str, Any], float]:
+        """The user message (image first, as the local prompt has it) with ``text``, and the
+        ms spent encoding the image."""
         content: list[dict[str, Any]] = []
         image_ms = 0.0
         if question.image is not None:
@@ -402,20 +422,15 @@ class RemoteAgent:
         self,
         messages: list[dict[str, Any]],
         max_tokens: int,
-        sampling: Sampling,
+        sampler: SamplerSettings,
         *,
         logprobs: bool = False,
         continued: bool = False,
         question: Question | None = None,
     ) -> dict[str, Any]:
         kind = self._kind
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": sampling.temperature,
-            "seed": sampling.seed,
-        }
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens}
+        body.update(servers.sampling_fields(kind, sampler))
         body.update(servers.request_fields(kind))
         if continued:
             body.update(servers.continuation_fields(kind))
@@ -439,7 +454,7 @@ class RemoteAgent:
         body = self._body(
             messages,
             sampling.max_answer_tokens,
-            sampling,
+            dataclasses.replace(GREEDY, seed=sampling.seed),
             logprobs=True,
             continued=continued,
             question=question,

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vlmduo.answers import extract, grammars
+from vlmduo.engine.sampling import SamplerSettings
 from vlmduo.models.registry import SERVERS
 
 __all__ = [
@@ -36,26 +37,31 @@ __all__ = [
     "detect",
     "read_answer",
     "request_fields",
+    "sampling_fields",
 ]
 
 # Log-probability alternatives asked for (vLLM's default --max-logprobs and OpenAI's cap are 20).
 TOP_LOGPROBS = 20
 JSON_SERVERS = frozenset({"ollama", "openai"})
 
-# The grammars of vlmduo.answers.grammars as regular expressions (vLLM, SGLang, JSON-schema patterns).
-_WORD = "[a-zA-Z0-9\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f'-]{1,24}"
-_NUMBER_RE = r"-?(0|[1-9][0-9]{0,6})(\.[0-9]{1,3})?"
-_SHORT_RE = f"{_WORD}( {_WORD}){{0,4}}"
+# The grammars of vlmduo.answers.grammars as regular expressions (vLLM, SGLang, JSON-schema
+# patterns): the same languages, the leading space included.
+_NUMBER_RE = r" ?[-+]?(0|[1-9][0-9]{0,8}|[1-9][0-9]{0,2}(,[0-9]{3}){1,2})(\.[0-9]{1,4})?%?\.?"
+_UNICODE_RE = "\u00a0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff"
+_SHORT_RE = f" ?[!-~{_UNICODE_RE}][ -~{_UNICODE_RE}]{{0,{grammars.SHORT_MAX_CHARS - 1}}}"
 
 
 def answer_choices(fmt: str, options: dict[str, str] | None) -> list[str] | None:
-    """The finite set of answers a format allows (choice letters, Yes/No), else None."""
+    """The finite set of answers a format allows (choice letters, Yes/No, each also with
+    the leading space its token may carry), else None."""
     if fmt == "choice":
         grammar = grammars.grammar_for(fmt, options)  # the letters the grammar allows, one source
-        return re.findall(r'"([A-Z])"', grammar or "")
-    if fmt == "yesno":
-        return ["Yes", "No", "yes", "no"]
-    return None
+        bare = re.findall(r'"([A-Z])"', grammar or "")
+    elif fmt == "yesno":
+        bare = ["Yes", "No", "yes", "no"]
+    else:
+        return None
+    return bare + [" " + answer for answer in bare]
 
 
 def answer_regex(fmt: str, options: dict[str, str] | None) -> str | None:
@@ -100,6 +106,31 @@ def constraint_fields(server: str, fmt: str, options: dict[str, str] | None) -> 
     return {"response_format": {"type": "json_schema", "json_schema": schema}}
 
 
+def sampling_fields(server: str, sampler: SamplerSettings) -> dict[str, Any]:
+    """``sampler`` as request fields: OpenAI's own everywhere (temperature, top_p, the
+    presence and frequency penalties, seed); top_k, min_p and the repeat penalty where the
+    server reads them (llama-server ``repeat_penalty``; vLLM and SGLang
+    ``repetition_penalty``; Ollama's OpenAI compatibility takes none of the three)."""
+    if sampler.greedy:
+        return {"temperature": 0.0, "seed": sampler.seed}
+    fields: dict[str, Any] = {
+        "temperature": sampler.temperature,
+        "top_p": sampler.top_p,
+        "seed": sampler.seed,
+    }
+    if sampler.presence_penalty:
+        fields["presence_penalty"] = sampler.presence_penalty
+    if sampler.frequency_penalty:
+        fields["frequency_penalty"] = sampler.frequency_penalty
+    if server in ("llama-server", "vllm", "sglang"):
+        fields["top_k"] = sampler.top_k if sampler.top_k > 0 else -1
+        fields["min_p"] = sampler.min_p
+        if sampler.repeat_penalty != 1.0:
+            key = "repeat_penalty" if server == "llama-server" else "repetition_penalty"
+            fields[key] = sampler.repeat_penalty
+    return fields
+
+
 def continuation_fields(server: str) -> dict[str, Any]:
     """The fields that make ``server`` continue the trailing assistant message in place."""
     if server in ("llama-server", "vllm"):
@@ -130,8 +161,8 @@ def read_answer(
     value: str | None = text
     if server in JSON_SERVERS:
         value = _json_answer(text)
-    if value is not None and re.fullmatch(pattern, value.strip()):
-        return value.strip(), True
+    if value is not None and re.fullmatch(pattern, value):
+        return extract.constrained_answer(value, fmt), True
     found = extract.extract_answer(text, fmt, options)
     return (found or text or None), False
 
@@ -173,12 +204,18 @@ def answer_probability(
 
 
 def _renormalised(token: Any, allowed: set[str]) -> float:
-    p = math.exp(token.logprob)
+    """The sampled answer's share of the allowed answers' mass; an answer's forms with and
+    without the leading space (" B", "B") are one answer, their masses summed."""
     listed = {text: lp for text, lp in token.top}
-    others = sum(math.exp(lp) for text, lp in listed.items() if text in allowed and text != token.text)
-    missing = len(allowed - set(listed) - {token.text})
-    floor = math.exp(min(listed.values())) if listed else 0.0
-    return p / (p + others + missing * floor)
+    listed[token.text] = token.logprob
+    mass: dict[str, float] = {}
+    for text, lp in listed.items():
+        if text in allowed:
+            mass[text.strip()] = mass.get(text.strip(), 0.0) + math.exp(lp)
+    answers = {text.strip() for text in allowed}
+    floor = math.exp(min(lp for text, lp in token.top)) if token.top else 0.0
+    missing = len(answers - set(mass))
+    return mass[token.text.strip()] / (sum(mass.values()) + missing * floor)
 
 
 def detect(models: Any, headers: dict[str, str], url: str) -> str:
