@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmduo import __version__
-from vlmduo.engine import backend
+from vlmduo.engine import backend, threads
 from vlmduo.models.offline import offline_mode
 from vlmduo.models.readiness import PairReadiness, pair_readiness
 
@@ -33,6 +33,7 @@ class Report:
     paths: dict[str, str]
     offline: bool
     threading: str = ""
+    threads: dict[str, Any] = field(default_factory=dict)  # what llama.cpp's threads run with now
     self_test: dict[str, Any] = field(default_factory=dict)
     pair: PairReadiness | None = None
     endpoints: list[dict[str, Any]] = field(default_factory=list)  # the pair's remote models
@@ -53,6 +54,7 @@ class Report:
             "paths": self.paths,
             "offline": self.offline,
             "threading": self.threading,
+            "threads": self.threads,
             "self_test": self.self_test,
             "pair": self.pair.to_json() if self.pair else None,
             "endpoints": self.endpoints,
@@ -90,7 +92,8 @@ def collect(
         system_info=info,
         paths=_paths(synthetic.cache_root()),
         offline=offline_mode(),
-        threading=backend.threading_policy(info),
+        threading=backend.threading_policy(info, settings=threads.openmp_settings()),
+        threads=_threads(),
     )
     if pair is not None:
         report.pair = pair_readiness(pair, offline=report.offline)
@@ -100,6 +103,19 @@ def collect(
         refs = {m.role: m.name for m in report.pair.models}
     report.endpoints = check_endpoints(refs or {})
     return report
+
+
+def _threads() -> dict[str, Any]:
+    """The threading in force: libgomp's spin count (read from libgomp), the cores, what
+    other programs keep busy now and the threads a context would run with."""
+    cores, load = threads.available_cores(), threads.CpuLoad()
+    settings = threads.openmp_settings() or {}
+    return {
+        "gomp_spincount": settings.get("GOMP_SPINCOUNT"),
+        "cores": cores,
+        "others_busy_cores": round(load.others(), 2),
+        "threads_now": threads.fit(cores, cores, load),
+    }
 
 
 def check_endpoints(refs: dict[str, str]) -> list[dict[str, Any]]:

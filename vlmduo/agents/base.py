@@ -105,6 +105,8 @@ class AgentResult:
     # How its tokens were picked: the reasoning's sampler when it reasoned, else the
     # greedy one of its constrained answer (SamplerSettings.to_json).
     sampling: dict[str, Any] = field(default_factory=lambda: GREEDY.to_json())
+    # Threads llama.cpp ran each stage with (vlmduo.engine.threads: fewer under load).
+    threads: dict[str, int] = field(default_factory=dict)
     reasoning_pieces: list[str] = field(default_factory=list, repr=False)
     reasoning_logprobs: list[float] = field(default_factory=list, repr=False)
 
@@ -116,6 +118,7 @@ class AgentResult:
             "reasoning": self.reasoning,
             "reasoning_truncated": self.reasoning_truncated,
             "sampling": dict(self.sampling),
+            "threads": dict(self.threads),
             "tokens": dict(self.tokens),
             "timings_ms": dict(self.timings_ms),
             "answer_probability": self.answer_probability,

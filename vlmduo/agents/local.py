@@ -134,6 +134,7 @@ def _result(
             "generated": session.n_generated,
         },
         timings_ms=timings,
+        threads=dict(session.threads_used),
     )
 
 
@@ -294,4 +295,6 @@ def transfer_answer(
     prefill_ms = session.times.get("transfer_prefill") - before
     gen = _constrained_answer(session, agent, question, sampling, progress, "transfer", "answer_decode")
     answer = _answer_from(gen, question)
-    return Transfer(answer, prefill_ms, gen.decode_ms, n_tokens, len(gen.tokens), _probability(gen))
+    used = {stage: session.threads_used[stage] for stage in ("transfer_prefill", "answer_decode")}
+    details = {"threads": used}
+    return Transfer(answer, prefill_ms, gen.decode_ms, n_tokens, len(gen.tokens), _probability(gen), details)

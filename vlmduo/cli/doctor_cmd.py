@@ -69,6 +69,13 @@ def _render(report) -> None:
         table.add_row(name, path)
     table.add_row("offline", "yes (HF_HUB_OFFLINE)" if report.offline else "no")
     table.add_row("threading", report.threading)
+    now = report.threads
+    if now:
+        table.add_row(
+            "load",
+            f"other programs keep {now['others_busy_cores']:g} of {now['cores']} cores busy: "
+            f"llama.cpp would run {now['threads_now']} thread(s) now",
+        )
     if report.pair is not None:
         _pair_rows(table, report.pair)
     test = report.self_test

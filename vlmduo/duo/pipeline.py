@@ -18,6 +18,7 @@ from vlmduo.agents.base import AgentLike, AgentResult, Progress, Question, Sampl
 from vlmduo.answers import formats
 from vlmduo.answers.agree import answers_agree
 from vlmduo.duo import selection, workers
+from vlmduo.engine import threads
 from vlmduo.errors import Cancelled, UsageError
 
 if TYPE_CHECKING:
@@ -210,13 +211,23 @@ class _Duo:
     # Set by a confident large answer: cancels the small agent only.
     confident: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def sequential(self) -> bool:
+        """Whether stage 1 runs one agent after the other: when asked, or when the two
+        agents would share one core (time slices of one core cannot make both faster).
+        With two cores or more the agents split them and overlap, which measured as fast
+        or faster than one after the other (benchmarks/busy_machine.py); an agent on a
+        server uses none."""
+        remote = any(getattr(agent, "is_remote", False) for agent in (self.small, self.large))
+        return self.options.sequential or (not remote and threads.available_cores() < 2)
+
     def run(self) -> AskResult:
         start = time.perf_counter()
         with contextlib.ExitStack() as scoped:
             pairs = ((self.small, self.large), (self.large, self.small))
             for agent, other in pairs:  # restored on leaving, also after an error
                 # A local agent beside a remote one has the cores to itself.
-                alone = self.options.sequential or getattr(other, "is_remote", False)
+                alone = self.sequential or getattr(other, "is_remote", False)
                 scoped.enter_context(agent.stage1_threads(alone))
             short, small_result = self._stage1()
         timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
@@ -251,7 +262,7 @@ class _Duo:
             # skip the small one entirely, as it would cancel it when concurrent.
             large_future = workers.spawn(self._run_large, name="vlmduo-large")
             futures.append(large_future)
-            if self.options.sequential:
+            if self.sequential:
                 workers.first_error(futures)
                 if _confident(self.options, large_future.result()):
                     self.confident.set()
@@ -261,7 +272,7 @@ class _Duo:
             short = large_future.result()
             if _confident(self.options, short):
                 self.confident.set()
-            elif not self.options.sequential and not small_future.done():
+            elif not self.sequential and not small_future.done():
                 # The large agent's short answer is in and its cores are idle:
                 # the small agent reasons on with all of them.
                 self.small.solo()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from vlmduo.engine import logs
+from vlmduo.engine import logs, threads
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -42,22 +42,20 @@ def backend_name(system_info: str) -> str:
     return " + ".join(found) if found else "CPU"
 
 
-def threading_policy(system_info: str, environ: dict[str, str] | None = None) -> str:
-    """How llama.cpp's threads wait and share the cores, in one line.
-
-    vlmduo leaves the OpenMP wait policy to libgomp's default (spin briefly,
-    then sleep): measured by benchmarks/threading_policy.py, PASSIVE cost
-    multi-threaded decode 40-65%, and the concurrent duo does not collapse
-    because the two agents split the cores instead of oversubscribing them.
-    """
+def threading_policy(
+    system_info: str, environ: dict[str, str] | None = None, settings: dict[str, str] | None = None
+) -> str:
+    """How llama.cpp's threads wait and share the cores, in one line: libgomp's spin count
+    in force (``settings``, from ``threads.openmp_settings``) and who chose it, and how
+    the threads follow the load (``vlmduo.engine.threads``)."""
     env = os.environ if environ is None else environ
-    cores = os.cpu_count() or 1
-    split = f"duo splits the {cores} cores {max(1, cores // 2)}+{max(1, cores // 2)} while both agents run"
+    cores = threads.available_cores()
+    share = f"up to {cores} threads, fewer while other programs keep cores busy"
     if "OPENMP = 1" not in system_info:
-        return f"ggml thread pool (no OpenMP); {split}"
+        return f"ggml thread pool (no OpenMP); {share}"
     policy = env.get("OMP_WAIT_POLICY")
-    spin = env.get("GOMP_SPINCOUNT")
-    waits = f"OMP_WAIT_POLICY={policy} (yours)" if policy else "libgomp default waits (spin, then sleep)"
-    if spin:
-        waits += f", GOMP_SPINCOUNT={spin} (yours)"
-    return f"OpenMP: {waits}; {split}"
+    if policy:
+        return f"OpenMP: OMP_WAIT_POLICY={policy} (yours); {share}"
+    chosen = "yours" if "GOMP_SPINCOUNT" in env else "libgomp's default"
+    spin = (settings or {}).get("GOMP_SPINCOUNT") or env.get("GOMP_SPINCOUNT", "300000")
+    return f"OpenMP: GOMP_SPINCOUNT={spin} ({chosen}); {share}"

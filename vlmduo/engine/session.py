@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from vlmduo.engine import logs, sampling
+from vlmduo.engine import logs, sampling, threads
 from vlmduo.errors import Cancelled, ContextOverflowError, EngineError, ModelError
 from vlmduo.timing import StageTimes
 
@@ -40,6 +40,10 @@ class Pixels(Protocol):
     width: int
     height: int
     decode_ms: float
+
+
+# Decoded tokens between two checks of the threads (vlmduo.engine.threads.fit).
+_REFIT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ class Context:
         # batch); libmtmd's helpers assert when handed a larger one than the
         # context's batch holds, so use what llama.cpp actually allocated.
         self.n_batch = min(llama_cpp.llama_n_batch(self._ctx), llama_cpp.llama_n_ubatch(self._ctx))
-        self.n_threads = settings.threads()
+        self.n_threads = settings.threads()  # what llama.cpp runs with now
+        self.share = self.n_threads  # the most it may run with (fit lowers it under load)
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, 1), 0, 1)
         self._current: Session | None = None
 
@@ -144,27 +149,31 @@ class Context:
 
     @contextlib.contextmanager
     def threads(self, n_threads: int) -> Iterator[None]:
-        """Decode and prefill with ``n_threads`` inside the block, restored after it."""
-        import llama_cpp
-
-        before = self.n_threads
-        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
-        self.n_threads = n_threads
+        """At most ``n_threads`` inside the block (the share of the cores it may use),
+        what was before restored after it."""
+        before = self.share
+        self.share = n_threads
         try:
             yield
         finally:
-            if self._ctx:
-                llama_cpp.llama_set_n_threads(self._ctx, before, before)
-            self.n_threads = before
+            self.share = before
 
     def widen(self, n_threads: int) -> None:
-        """Use ``n_threads`` from the next decode on, inside a ``threads`` block (whose
-        exit restores what was before it). Safe while another thread decodes here:
-        llama.cpp reads the count when it plans the next graph."""
+        """Allow ``n_threads`` from the next fit on (at most 16 tokens away), inside a
+        ``threads`` block, whose exit restores what was before it. Safe while another
+        thread decodes here: only the share changes; the decoding thread applies it."""
+        self.share = n_threads
+
+    def fit(self) -> int:
+        """Run with this context's share of the cores other programs leave free
+        (``vlmduo.engine.threads``), from the next graph on; returns the count."""
         import llama_cpp
 
-        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads)
-        self.n_threads = n_threads
+        n = threads.fit(self.share) if self.model.settings.adapt_threads else self.share
+        if n != self.n_threads and self._ctx:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            self.n_threads = n
+        return n
 
     def close(self) -> None:
         """Free the context and its batch (idempotent)."""
@@ -205,6 +214,8 @@ class Session:
         self.n_image_tokens = 0
         self.n_generated = 0
         self._images: list[_ImageSpan] = []
+        # Threads llama.cpp ran each stage with (the last fit of the stage).
+        self.threads_used: dict[str, int] = {}
         self._mem = llama_cpp.llama_get_memory(context._ctx)
         llama_cpp.llama_memory_clear(self._mem, True)
 
@@ -240,9 +251,15 @@ class Session:
             return
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            with self.times.measure("image"):
-                self._tokenize(chunks, prompt, image)
+            # The projector may be reloaded with other threads (not counted as the image's
+            # time): not while another session of this model preprocesses or encodes with it.
+            with model.encode_lock:
+                if image is not None:
+                    self.threads_used["encode"] = model.fit_projector()
+                with self.times.measure("image"):
+                    self._tokenize(chunks, prompt, image)
             self._check_fits(mtmd.mtmd_helper_get_n_tokens(chunks), reserve)
+            self.threads_used["prefill"] = self.context.fit()
             with self.context.abortable(self.cancel):
                 for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                     self._check_cancel()  # between chunks: an image encode is not abortable
@@ -330,6 +347,7 @@ class Session:
         if not tokens:
             return 0
         self._check_fits(len(tokens), reserve)
+        self.threads_used[stage] = self.context.fit()
         batch, step = self.context._batch, self.context.n_batch
         with self.times.measure(stage), self.context.abortable(self.cancel if len(tokens) > 1 else None):
             for start in range(0, len(tokens), step):
@@ -419,7 +437,9 @@ class Session:
         self.last = Generation()
         start = time.perf_counter()
         try:
-            for _ in range(max_tokens):
+            for step in range(max_tokens):
+                if step % _REFIT_TOKENS == 0:  # the load may change during a long generation
+                    self.threads_used[stage] = ctx.fit()
                 if cancel is not None and cancel.is_set():
                     self.last.stop_reason = "cancelled"
                     break

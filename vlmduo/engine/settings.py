@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from vlmduo.engine.threads import available_cores
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,11 @@ class EngineSettings:
     n_ctx: int = 4096
     n_batch: int = 512
     n_threads: int | None = None  # None: all cores
+    # Fewer threads when other programs keep cores busy (vlmduo.engine.threads);
+    # VLMDUO_FIXED_THREADS=1 keeps the configured count whatever the load.
+    adapt_threads: bool = field(
+        default_factory=lambda: os.environ.get("VLMDUO_FIXED_THREADS", "") in ("", "0")
+    )
     n_gpu_layers: int = -1  # -1: every layer when a GPU backend is built in
     verbose: bool = False
     # libmtmd's bounds on one image's tokens (dynamic-resolution projectors
@@ -22,4 +29,4 @@ class EngineSettings:
 
     def threads(self) -> int:
         """Threads for llama.cpp: the setting, else every core."""
-        return self.n_threads or os.cpu_count() or 1
+        return self.n_threads or available_cores()

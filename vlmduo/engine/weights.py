@@ -12,14 +12,17 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+import time
 from pathlib import Path
 
-from vlmduo.engine import backend, chat, gguf_check, logs
+from vlmduo.engine import backend, chat, gguf_check, logs, threads
 from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import ModelError, ProjectorMismatchError
 from vlmduo.timing import StageTimes
 
 LLAMA_TOKEN_NULL = -1
+# Seconds a projector keeps fewer threads before a quieter machine gets it all of them back.
+_REFIT_AFTER_S = 10.0
 # The vocabulary tokens libmtmd looks up for a projector type (mtmd.cpp, mtmd_context's
 # constructor: lookup_token). A missing one becomes id -1 in every image's prompt and
 # mtmd-helper.cpp's GGML_ASSERT(idx >= 0) aborts the process: SmolLM2-135M's own
@@ -146,7 +149,7 @@ class Weights:
         self._check_projector_tokens()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = backend.gpu_offload_supported() and self.settings.n_gpu_layers != 0
-        params.n_threads = self.settings.threads()
+        params.n_threads = self._projector_threads()
         params.print_timings = False
         params.warmup = False
         params.image_min_tokens = self.settings.image_min_tokens
@@ -166,6 +169,32 @@ class Weights:
             raise ModelError(f"{self.mmproj_path.name} has no vision encoder")
         self.marker = mtmd.mtmd_default_marker().decode()
         self.uses_mrope = bool(mtmd.mtmd_decode_use_mrope(self._mtmd))
+        self.projector_threads = params.n_threads
+        self._projector_loaded = time.monotonic()
+
+    def _projector_threads(self) -> int:
+        """The vision encoder's threads: all configured ones, fewer while other programs
+        keep cores busy (libmtmd fixes them when it loads the projector)."""
+        if not self.settings.adapt_threads:
+            return self.settings.threads()
+        return threads.fit(self.settings.threads())
+
+    def fit_projector(self) -> int:
+        """Before an image's preprocessing and encode, with ``encode_lock`` held: reload the
+        projector when the threads it should run with changed (at once when the machine
+        got busier, after ``_REFIT_AFTER_S`` the other way, so a passing load does not
+        reload it back and forth); returns the threads it runs with."""
+        if self._mtmd is None or not self.settings.adapt_threads:
+            return self.projector_threads
+        wanted = self._projector_threads()
+        settled = time.monotonic() - self._projector_loaded >= _REFIT_AFTER_S
+        if wanted < self.projector_threads or (wanted > self.projector_threads and settled):
+            import llama_cpp.mtmd_cpp as mtmd
+
+            mtmd.mtmd_free(self._mtmd)
+            self._mtmd = None
+            self._load_projector()
+        return self.projector_threads
 
     @property
     def has_vision(self) -> bool:

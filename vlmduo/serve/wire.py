@@ -72,6 +72,7 @@ def result_from_json(data: dict[str, Any]) -> AskResult:
             answer_probability=value.get("answer_probability"),
             cancelled=value.get("cancelled", False),
             reasoning_truncated=value.get("reasoning_truncated"),
+            threads=value.get("threads") or {},
         )
         if value.get("sampling") is not None:
             result.sampling = value["sampling"]
