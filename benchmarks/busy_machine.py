@@ -216,15 +216,7 @@ def serve_runs(setting: str, loaded: bool, n_requests: int) -> dict[str, list[fl
         stderr=subprocess.DEVNULL,
     )
     try:
-        record = None
-        deadline = time.monotonic() + 300
-        while record is None:
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-            for path in Path(cache, "run").glob("*.json") if Path(cache, "run").is_dir() else []:
-                data = json.loads(path.read_text() or "{}")
-                record = data if data.get("state") == "ready" else None
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{record['port']}/api/ask"
+        url = f"http://127.0.0.1:{wait_ready(server, cache)['port']}/api/ask"
         img = synthetic_image(224, 224, seed=3)
         buffer = io.BytesIO()
         Image.frombytes("RGB", (img.width, img.height), img.rgb).save(buffer, "PNG")
@@ -251,6 +243,18 @@ def serve_runs(setting: str, loaded: bool, n_requests: int) -> dict[str, list[fl
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wait_ready(server: subprocess.Popen, cache: str) -> dict:
+    """The record of the ``vlmduo serve`` started with ``VLMDUO_CACHE=cache``, once ready."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+        for path in Path(cache, "run").glob("*.json") if Path(cache, "run").is_dir() else []:
+            data = json.loads(path.read_text() or "{}")
+            if data.get("state") == "ready":
+                return data
+        time.sleep(0.1)
 
 
 class _nothing:

@@ -58,7 +58,7 @@ def test_json_is_exactly_one_object_with_the_contract_keys(image_file, model_arg
     assert data["format"] == "yesno"
     for agent in (data["small"], data["large"]):
         assert set(agent) >= {"model", "answer", "reasoning", "tokens", "timings_ms"}
-        assert set(agent["tokens"]) == {"prompt", "image", "generated"}
+        assert set(agent["tokens"]) == {"prompt", "image", "generated", "cached"}
         assert set(agent["timings_ms"]) >= {"load", "image", "encode", "prefill", "decode"}
     assert set(data["transferred"]) >= {"selector", "tokens", "text"}
     assert set(data["timings_ms"]) >= {

@@ -84,8 +84,12 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _without_timings(value):
+    """What an answer says, less what its speed depends on: timings, and the tokens a
+    cache held and the stages it spared (the threads of an encode that did not run: the
+    server's image prefixes are not this process's)."""
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k != "timings_ms"}
+        skip = ("timings_ms", "cached", "threads")
+        return {k: _without_timings(v) for k, v in value.items() if k not in skip}
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
@@ -397,3 +401,19 @@ def test_a_thin_client_on_a_terminal_says_it_asks_the_server_then_erases_it(serv
     assert out.returncode == 0 and out.stdout.strip()
     assert seen.startswith(f"Asking the server at {server}…".encode()) and b"\r\x1b[2K" in seen
     assert b"answered by vlmduo serve" in seen
+
+
+def test_a_second_question_to_the_server_reuses_the_image(server, env, models, photos):
+    image = str(photos / "photo1.png")
+    first = json.loads(_ask([image, "Is it red?", *models, "--json", "--mode", "large"], env).stdout)
+    second = json.loads(_ask([image, "How many circles?", *models, "--json", "--mode", "large"], env).stdout)
+    assert second["large"]["tokens"]["cached"] > 0
+    assert second["large"]["timings_ms"]["encode"] == 0
+    assert second["large"]["tokens"]["image"] == first["large"]["tokens"]["image"]
+    listed = json.loads(run_cli(["ps", "--json"], env).stdout)["servers"]
+    [row] = [r for r in listed if r["url"] == server]
+    assert row["image_cache"]["entries"] >= 1 and row["image_cache"]["hits"] >= 1
+    # Two questions in one call: both through the server, one answer line each.
+    both = _ask([image, "Is it red?", "How many circles?", *models, "--mode", "large"], env)
+    assert both.returncode == 0 and len(both.stdout.decode().splitlines()) == 2
+    assert both.stderr.decode().count("answered by vlmduo serve") == 2

@@ -110,7 +110,8 @@ def test_on_a_busy_machine_every_stage_runs_one_thread_and_the_hand_over_too(ima
         "--threads",
         str(CORES),
     ]
-    args += ["--policy", "always", "--think-budget", "24", "--json"]
+    # --no-image-cache: the second ask encodes its image too (its threads are asserted)
+    args += ["--policy", "always", "--think-budget", "24", "--json", "--no-image-cache"]
     with busy_cores():
         out = run_cli(args, isolated_env)
         fixed = run_cli(args, {**isolated_env, "VLMDUO_FIXED_THREADS": "1"})

@@ -23,6 +23,7 @@ from vlmduo.agents.base import AgentLike, Progress
 from vlmduo.agents.local import Agent
 from vlmduo.duo.pipeline import AskOptions, AskResult, ask, make_question
 from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.prefix_cache import DiskPrefixes, PrefixCache
 from vlmduo.engine.session import Context
 from vlmduo.engine.settings import EngineSettings
 from vlmduo.errors import ModelError, UsageError
@@ -32,6 +33,10 @@ _cache: dict[tuple[str, str, EngineSettings], VisionLanguageModel] = {}
 _contexts: dict[tuple[int, str], Context] = {}  # (id of model, role) -> the role's KV cache
 _key_locks: dict[tuple[str, str, EngineSettings], threading.Lock] = {}
 _cache_lock = threading.Lock()
+# Image prefixes of every local agent in this process (memory only, until
+# ``keep_image_prefixes`` says otherwise): the second question about an image
+# costs only its own tokens.
+_prefixes = PrefixCache()
 
 if TYPE_CHECKING:
     from vlmduo.agents.remote import RemoteAgent, RemoteModel
@@ -159,6 +164,31 @@ def unload(model: VisionLanguageModel) -> bool:
     return bool(keys)
 
 
+def image_prefixes() -> PrefixCache:
+    """The image prefixes this process's local agents restore and keep."""
+    return _prefixes
+
+
+def keep_image_prefixes(
+    memory_bytes: int | None = None, disk: Path | str | None = None, disk_bytes: int | None = None
+) -> PrefixCache:
+    """Bound the process's image prefixes in memory to ``memory_bytes``, and keep them
+    on disk in ``disk`` too (bounded by ``disk_bytes``; ``vlmduo.paths.kv_dir()`` is
+    where the CLI keeps them), for agents loaded from now on. Returns the new cache."""
+    global _prefixes
+    from vlmduo.engine import prefix_cache
+
+    store = None
+    if disk is not None:
+        store = DiskPrefixes(
+            Path(disk), prefix_cache.DEFAULT_DISK_BYTES if disk_bytes is None else disk_bytes
+        )
+    with _cache_lock:
+        memory = prefix_cache.DEFAULT_MEMORY_BYTES if memory_bytes is None else memory_bytes
+        _prefixes = PrefixCache(memory, store)
+        return _prefixes
+
+
 def load_agents(
     resolved: dict[str, ResolvedModel | RemoteModel], settings: EngineSettings
 ) -> tuple[dict[str, AgentLike], dict[str, float]]:
@@ -211,7 +241,13 @@ def load_agent(
     # A model whose template opens its thought thinks, whatever the registry or file name says.
     thinking = resolved.thinking or model.thinks_natively(resolved.think_start, resolved.think_end)
     agent = Agent(
-        model, thinking, resolved.think_start, resolved.think_end, context=context, card=resolved.sampling
+        model,
+        thinking,
+        resolved.think_start,
+        resolved.think_end,
+        context=context,
+        card=resolved.sampling,
+        prefix_cache=_prefixes,
     )
     return agent, load_ms
 

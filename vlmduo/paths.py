@@ -16,6 +16,11 @@ def cache_dir() -> str:
     )
 
 
+def kv_dir() -> str:
+    """Where image prefixes (KV states) are kept across processes: ``<cache>/kv``."""
+    return os.path.join(cache_dir(), "kv")
+
+
 def run_dir() -> str:
     """Where server records and locks live: ``<cache>/run``."""
     return os.path.join(cache_dir(), "run")

@@ -24,6 +24,7 @@ from vlmduo.agents.base import (
 )
 from vlmduo.answers import extract
 from vlmduo.engine.model import VisionLanguageModel
+from vlmduo.engine.prefix_cache import PrefixCache
 from vlmduo.engine.sampling import GREEDY
 from vlmduo.engine.session import Context, Generation, Session
 
@@ -44,6 +45,8 @@ class Agent:
     context: Context | None = None
     # The model card's sampling (registry keys and values), for its reasoning.
     card: tuple[tuple[str, float], ...] = ()
+    # Image prefixes this agent restores and keeps (None: every image is encoded anew).
+    prefix_cache: PrefixCache | None = None
 
     @property
     def name(self) -> str:
@@ -53,6 +56,10 @@ class Agent:
     def session(self, cancel: threading.Event | None = None) -> Session:
         """A fresh conversation in this agent's context."""
         return (self.context or self.model.default_context).session(cancel)
+
+    def image_cache(self, use: bool) -> PrefixCache | None:
+        """The prefix cache to prefill with (None when the ask turned it off)."""
+        return self.prefix_cache if use else None
 
     def count_tokens(self, text: str) -> int:
         """What ``text`` costs this agent's model, as plain text."""
@@ -124,6 +131,7 @@ def _result(
 ) -> AgentResult:
     timings = session.times.as_dict()
     timings["load"] = round(load_ms, 3)
+    timings.setdefault("restore", 0.0)
     return AgentResult(
         model=agent.name,
         answer=answer,
@@ -132,6 +140,7 @@ def _result(
             "prompt": session.n_prompt_tokens,
             "image": session.n_image_tokens,
             "generated": session.n_generated,
+            "cached": session.n_cached_tokens,
         },
         timings_ms=timings,
         threads=dict(session.threads_used),
@@ -162,6 +171,7 @@ def reason_then_answer(
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
     reasoning_logprobs: bool = False,
+    image_cache: bool = True,
 ) -> AgentResult:
     """Reason (inside thinking markers, or step by step) for at most ``think_budget``
     tokens with the model card's sampling, close the reasoning (with Qwen3's hand-off
@@ -169,7 +179,8 @@ def reason_then_answer(
 
     ``reasoning_logprobs`` keeps each reasoning token's log-probability (the
     ``surprisal`` selector reads them); off, no softmax over the vocabulary is
-    paid per token.
+    paid per token. ``image_cache`` restores the image prefix from the agent's
+    cache when it holds it (and keeps it there when not).
     """
     model = agent.model
     prompt = model.render_prompt(
@@ -181,7 +192,7 @@ def reason_then_answer(
         prompt, _ = prompts.open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session(cancel)
     reserve = think_budget + sampling.max_answer_tokens + 16 + model.count_tokens(prompts.BUDGET_HANDOFF)
-    session.prefill(prompt, question.image, reserve=reserve)
+    session.prefill(prompt, question.image, reserve=reserve, cache=agent.image_cache(image_cache))
     stop = model.token_id(agent.think_end) if agent.thinking else None
     sampler = reasoning_sampler(agent.card, sampling)
     thought = _stream(
@@ -234,6 +245,7 @@ def answer_short(
     load_ms: float = 0.0,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
+    image_cache: bool = True,
 ) -> ShortAnswer:
     """Encode the image, prefill the question and decode a short constrained answer.
 
@@ -249,7 +261,8 @@ def answer_short(
     if agent.thinking:
         prompt, closed = prompts.open_thought(prompt, agent.think_start, agent.think_end)
     session = agent.session(cancel)
-    session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16)
+    cache = agent.image_cache(image_cache)
+    session.prefill(prompt, question.image, reserve=reserve + sampling.max_answer_tokens + 16, cache=cache)
     prefix_end = session.n_past
     if agent.thinking and not closed:  # answer without thinking: close the (empty) thought first
         session.append(f"\n{agent.think_end}\n\n", stage="prefill")

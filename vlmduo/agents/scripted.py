@@ -140,6 +140,6 @@ class ScriptedAgent:
             model=self.name,
             answer=answer,
             reasoning=reasoning,
-            tokens={"prompt": 10, "image": 0, "generated": generated},
+            tokens={"prompt": 10, "image": 0, "generated": generated, "cached": 0},
             timings_ms={"load": kwargs.get("load_ms", 0.0), "decode": 1.0},
         )

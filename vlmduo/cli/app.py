@@ -60,7 +60,7 @@ def _register_commands() -> None:
     # app module stays the only place that knows them all.
     import importlib
 
-    for module in ("ask_cmd", "models_cmd", "doctor_cmd", "bench_cmd", "eval_cmd", "serve_cmd"):
+    for module in ("ask_cmd", "models_cmd", "doctor_cmd", "bench_cmd", "eval_cmd", "serve_cmd", "cache_cmd"):
         try:
             mod = importlib.import_module(f"vlmduo.cli.{module}")
         except ModuleNotFoundError as exc:

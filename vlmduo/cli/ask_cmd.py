@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
 import typer
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 EXAMPLE = "example"
 
 HELP = """Ask QUESTION about IMAGE: a path, an http(s) URL, - for stdin, or \
-example for the picture shipped with vlmduo (use ./example for a file of that name).
+example for the picture shipped with vlmduo (use ./example for a file of that name). \
+Several questions are answered in turn, one line each, the image paid once.
 
 The answer goes to stdout; the timing table and progress to stderr. Options that \
 have no effect in the chosen --mode are refused (exit 2), never silently dropped.
@@ -39,6 +41,8 @@ have no effect in the chosen --mode are refused (exit 2), never silently dropped
 
   vlmduo ask photo.jpg "Which is larger? A. the cup B. the plate" --json
 
+  vlmduo ask photo.jpg "How many people?" "Is it raining?"   (two answer lines)
+
   cat scan.png | vlmduo ask - "What does the sign say?" --mode large -q
 
   vlmduo ask example "Is there a square?" --pair synthetic   (no download)
@@ -46,7 +50,9 @@ have no effect in the chosen --mode are refused (exit 2), never silently dropped
   vlmduo ask --each photos/ "Is there a dog?" > answers.jsonl   (models loaded once)
 
 A running `vlmduo serve` for the same models answers instead (no load); --no-server \
-answers in this process.
+answers in this process. The models' state up to the image is kept (in the server, \
+or on disk: see vlmduo cache), so the next question about the same image costs only \
+its own tokens; --no-image-cache neither reuses nor keeps it.
 """
 
 Modes = typer.Option("--mode", help="duo (default), small, large or large-think.")
@@ -80,9 +86,13 @@ def ask(
             metavar="IMAGE", help="Image path, http(s) URL, - to read stdin, or example.", show_default=False
         ),
     ] = None,
-    question: Annotated[
-        str | None,
-        typer.Argument(metavar="QUESTION", help="The question about the image.", show_default=False),
+    questions: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="QUESTION...",
+            help="The question(s) about the image, answered in turn.",
+            show_default=False,
+        ),
     ] = None,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
@@ -129,6 +139,13 @@ def ask(
     verbose: opt.Verbose = False,
     debug: opt.Debug = False,
     no_server: many.NoServer = False,
+    no_image_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-image-cache",
+            help="Neither reuse nor keep the models' state up to the image (see vlmduo cache).",
+        ),
+    ] = False,
     each: many.Each = None,
     batch: many.Batch = None,
 ) -> None:
@@ -144,11 +161,13 @@ def ask(
         seed=seed,
         temperature=temperature,
         confidence_threshold=confidence_threshold,
+        image_cache=not no_image_cache,
     )
     # Every check before any work: no image read, no model resolved or loaded.
     options.validate()
     many_images = each is not None or batch is not None
-    if not many_images and (image is None or question is None):
+    questions = questions or []
+    if not many_images and (image is None or not questions):
         raise UsageError(
             f"missing {'IMAGE and QUESTION' if image is None else 'QUESTION'}",
             hint='vlmduo ask IMAGE QUESTION, e.g. vlmduo ask photo.jpg "What is this?"',
@@ -156,9 +175,8 @@ def ask(
     checks.applicable(mode, policy, _typed(context))
     checks.output(quiet=quiet, show_reasoning=show_reasoning_flag)
     # With --each/--batch the one positional argument is the (default) question.
-    default_question = image if many_images else question
-    if default_question is not None:
-        checks.question_format(default_question, format)
+    for text in [image] if many_images and image is not None else questions:
+        checks.question_format(text, format)
     settings = opt.engine_settings(
         options,
         ctx=ctx,
@@ -174,44 +192,96 @@ def ask(
             raise UsageError(
                 "--show-reasoning does not go with --each or --batch: each JSON line has the reasoning"
             )
+        question = questions[0] if questions else None
+        if len(questions) > 1:
+            raise UsageError(
+                "with --each or --batch give one QUESTION", hint="vlmduo ask --each photos/ 'Is there a dog?'"
+            )
         raise typer.Exit(
             _ask_many(image, question, each, batch, options, refs, settings, offline, no_server, quiet)
         )
-    assert image is not None and question is not None
+    assert image is not None
     console = stderr_console(quiet=quiet or json_out)
     source = _image_source(image)
     stdin = sys.stdin.buffer if image == "-" else None
-    if not no_server:
-        served = many.through_server(source, question, options, refs, settings, console, stdin)
-        if served.result is not None:
-            _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
-            return
+    if stdin is not None and len(questions) > 1 and not stdin.isatty():  # read once, asked about often
+        stdin = _Rereadable(stdin.read(_STDIN_MAX_BYTES + 1))
+    while questions and not no_server:  # the server keeps the image's prefix between them
+        served = many.through_server(source, questions[0], options, refs, settings, console, stdin)
         stdin = served.stdin  # the image's bytes, when they were read for the server already
+        if served.result is None:
+            break  # no server (or it went away): the rest in this process
+        _render(served.result, json_out, show_reasoning_flag, console, caption=served.caption())
+        questions = questions[1:]
+    if not questions:
+        return
     forbid_local("--no-server: the client loads the models itself")
+    _ask_here(
+        source, stdin, questions, options, refs, settings, offline, console, json_out, show_reasoning_flag
+    )
 
-    from vlmduo.api import answer, load_agents
+
+# load_image's own cap on stdin (a byte more, so that it still says the image is too large).
+_STDIN_MAX_BYTES = 50 * 2**20
+
+
+class _Rereadable(io.BytesIO):
+    """Stdin's bytes, read in full by every reader (one per question)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if self.tell() >= len(self.getbuffer()):
+            self.seek(0)  # all read: the next question reads the image from the start
+        return data
+
+
+def _ask_here(
+    source: str,
+    stdin: BinaryIO | None,
+    questions: list[str],
+    options: AskOptions,
+    refs: dict[str, tuple[str, str | None]],
+    settings: EngineSettings,
+    offline: bool,
+    console: Console,
+    json_out: bool,
+    show_reasoning_flag: bool,
+) -> None:
+    """Load the models in this process and answer each question in turn about one image,
+    printing each answer as it comes; the image prefixes are kept on disk for the next
+    process (``vlmduo cache``)."""
+    from vlmduo import api, paths
     from vlmduo.media.images import load_image
 
+    if options.image_cache:
+        from vlmduo.cli.cache_cmd import disk_bytes
+
+        size = disk_bytes()
+        api.keep_image_prefixes(disk=paths.kv_dir() if size else None, disk_bytes=size)
     loaded_image = load_image(source, stdin=stdin)
     resolved = opt.resolve_roles(
-        _needed_roles(options.mode), refs, offline=opt.is_offline(offline), progress=not (quiet or json_out)
+        _needed_roles(options.mode), refs, offline=opt.is_offline(offline), progress=not (console.quiet)
     )
     with console.status("Loading models…") as status:
-        agents, load_ms = load_agents(resolved, settings)
+        agents, load_ms = api.load_agents(resolved, settings)
 
         def progress(agent: str, phase: str, tokens: int) -> None:
             status.update(f"{agent}: {phase} · {tokens} tokens")
 
-        result = answer(
-            loaded_image,
-            question,
-            options,
-            small=agents.get("small"),
-            large=agents.get("large"),
-            load_ms=load_ms,
-            progress=progress,
-        )
-    _render(result, json_out, show_reasoning_flag, console)
+        for question in questions:
+            result = api.answer(
+                loaded_image,
+                question,
+                options,
+                small=agents.get("small"),
+                large=agents.get("large"),
+                load_ms=load_ms,
+                progress=progress,
+            )
+            load_ms = {}  # the first answer reports the one load
+            status.stop()
+            _render(result, json_out, show_reasoning_flag, console)
+            status.start()
 
 
 def _render(

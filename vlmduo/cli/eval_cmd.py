@@ -45,6 +45,8 @@ to stderr, --json to stdout.
   vlmduo eval questions.jsonl --modes large,duo --policies verify,always --selectors steps,tail
 
   vlmduo eval mmbench_dev_en.tsv --results run1.jsonl --resume --json > summary.json
+
+  vlmduo eval mmbench_dev_en.tsv --limit 100 --circular   (each rotation reuses the image)
 """
 
 
@@ -74,12 +76,18 @@ SUMMARY_COLUMNS = (
 
 
 def summary_tables(outcome: EvalOutcome, width: int) -> list[Table]:
-    """One row per configuration: accuracy, latency, tokens, routes; split in two
-    tables (configurations repeated) where one does not fit ``width``."""
+    """One row per configuration: accuracy (and CircularEval's, when run), latency,
+    tokens, routes; split in two tables (configurations repeated) where one does not
+    fit ``width``."""
+    circular = any(s.circular is not None for s in outcome.summaries)
+    columns = list(SUMMARY_COLUMNS)
+    if circular:
+        columns.insert(2, Column("circular", justify="right"))
     rows = [
         [
             s.config,
             f"{s.accuracy:.1%}",
+            *([f"{s.circular.accuracy:.1%}" if s.circular else "–"] if circular else []),
             str(s.n),
             str(s.n_errors),
             fmt_ms(s.latency_p50_ms),
@@ -92,7 +100,7 @@ def summary_tables(outcome: EvalOutcome, width: int) -> list[Table]:
         for s in outcome.summaries
     ]
     title = f"{outcome.dataset}: {outcome.n_items} items"
-    return fitted_tables(title, SUMMARY_COLUMNS, rows, width=width)
+    return fitted_tables(title, columns, rows, width=width)
 
 
 def _tokens(stats: TokenStats | None) -> str:
@@ -164,6 +172,14 @@ def eval_command(
     concurrency: Annotated[
         int, typer.Option(help="Items in flight at once; above 1 needs remote agents (URL#MODEL).")
     ] = 1,
+    circular: Annotated[
+        bool,
+        typer.Option(
+            "--circular",
+            help="MMBench's CircularEval: ask each multiple-choice item once per rotation of its "
+            "options; right only if every pass is (reported beside the plain accuracy).",
+        ),
+    ] = False,
     json_out: opt.JsonOut = False,
     small: opt.SmallModel = None,
     large: opt.LargeModel = None,
@@ -229,6 +245,7 @@ def eval_command(
             resume=resume,
             progress=progress,
             concurrency=concurrency,
+            circular=circular,
         )
     if json_out:
         print(json.dumps(outcome.to_json(), ensure_ascii=False))

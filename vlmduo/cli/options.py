@@ -16,7 +16,7 @@ from rich.console import Console
 from vlmduo.cli import checks
 from vlmduo.duo.pipeline import AskOptions
 from vlmduo.engine.settings import EngineSettings
-from vlmduo.errors import DownloadError, OfflineError
+from vlmduo.errors import DownloadError, OfflineError, UsageError
 
 if TYPE_CHECKING:
     from vlmduo.agents.local import Agent
@@ -216,3 +216,22 @@ def load_agents(
     with console.status("Loading models…"):
         agents, _ = api.load_agents(resolved, settings)
     return agents
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """A size as people write it: ``4G``, ``512M``, ``1.5GB``, ``800MiB``, ``0``; bytes
+    when no unit (binary units: 1G is 2**30 bytes)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (value[:-1], value[-1]) if value[-1:] in "KMGT" and value[-1:] else (value, "")
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        size = -1.0
+    if not size >= 0 or size == float("inf"):
+        raise UsageError(
+            f"cannot read the size {text!r} for {what}", hint="write it as 4G, 512M, 800MiB or 0"
+        )
+    return int(size)

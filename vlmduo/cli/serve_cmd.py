@@ -90,6 +90,14 @@ def serve(
     ] = 8,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, MiB.")] = 32.0,
     max_image_mb: Annotated[float, typer.Option("--max-image-mb", help="Largest encoded image, MiB.")] = 20.0,
+    cache_images: Annotated[
+        str,
+        typer.Option(
+            "--cache-images",
+            help="Memory for the models' state up to each image (a second question about an "
+            "image costs only its own tokens), least recently used out: 1G, 512M, 0 (off).",
+        ),
+    ] = "1G",
     detach: Annotated[
         bool, typer.Option("--detach", help="Start in the background; return once the models are loaded.")
     ] = False,
@@ -109,6 +117,7 @@ def serve(
     from vlmduo.serve.wire import Limits
 
     keep_alive_s = runtime.parse_duration(keep_alive)
+    cache_bytes = opt.parse_size(cache_images, "--cache-images")
     if max_queue < 0 or max_body_mb <= 0 or max_image_mb <= 0:
         raise UsageError(
             "--max-queue must not be negative; --max-body-mb and --max-image-mb must be positive"
@@ -143,6 +152,7 @@ def serve(
             max_queue=max_queue,
             max_body_mb=max_body_mb,
             max_image_mb=max_image_mb,
+            cache_images=cache_images,
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             ctx=ctx,
@@ -174,6 +184,9 @@ def serve(
         verbose=verbose,
         log=log_file,
     )
+    from vlmduo import api
+
+    api.keep_image_prefixes(memory_bytes=cache_bytes)  # in memory only: this process lives on
     status = console.status("Loading models…")
 
     def loading(record: ServerRecord) -> None:
@@ -235,6 +248,7 @@ def _status(record: ServerRecord) -> dict[str, Any]:
         "waiting": 0,
         "auth": record.auth,
         "log": record.log,
+        "image_cache": None,
     }
     if record.state != "ready":
         return row
@@ -244,7 +258,7 @@ def _status(record: ServerRecord) -> dict[str, Any]:
     except ServerGone:
         row["state"] = "not answering"
         return row
-    for key in ("state", "models", "unload_at", "busy", "waiting", "keep_alive_s"):
+    for key in ("state", "models", "unload_at", "busy", "waiting", "keep_alive_s", "image_cache"):
         row[key] = live.get(key, row[key])
     return row
 
@@ -261,6 +275,15 @@ def _until(row: dict[str, Any]) -> str:
         return ""
     left = max(0, round(at - time.time()))
     return f"{datetime.fromtimestamp(at):%H:%M:%S} (in {left // 60}m{left % 60:02d}s)"
+
+
+def _images(stats: dict[str, int] | None) -> str:
+    """The server's kept image prefixes: how many, their size, and how often reused."""
+    if not stats:
+        return ""
+    from vlmduo.cli.cache_cmd import size_text
+
+    return f"{stats['entries']} ({size_text(stats['bytes'])}), {stats['hits']} reused"
 
 
 def ps(json_out: opt.JsonOut = False) -> None:
@@ -283,6 +306,7 @@ def ps(json_out: opt.JsonOut = False) -> None:
         Column("STATE"),
         Column("MODELS", wrap=True, min_width=longest + 2),  # wraps between names, never in one
         Column("UNLOADS AT", wrap=True, min_width=8),
+        Column("IMAGES", wrap=True, min_width=8),
     ]
     table_rows = [
         [
@@ -292,6 +316,7 @@ def ps(json_out: opt.JsonOut = False) -> None:
             row["state"],
             " + ".join(row["models"].values()) if row["models"] else "",
             _until(row),
+            _images(row["image_cache"]),
         ]
         for row in rows
     ]

@@ -47,7 +47,7 @@ VALUE_OPTIONS = frozenset(
 FLAG_OPTIONS = frozenset(
     {
         "--json", "--quiet", "-q", "--show-reasoning", "--sequential", "--offline", "--verbose",
-        "--debug", "--no-server", "--help",
+        "--debug", "--no-server", "--no-image-cache", "--help",
     }
 )  # fmt: skip
 # Options whose presence sends the ask down the usual path.

@@ -53,6 +53,9 @@ class AskOptions:
     seed: int = 0
     temperature: float | None = None  # None: each model card's, for reasoning
     confidence_threshold: float = 0.8
+    # Reuse (and keep) each agent's image prefix: the state up to and including the
+    # image, so a second question about an image costs only its own tokens.
+    image_cache: bool = True
 
     def image_token_budget(self, n_ctx: int) -> int:
         """The most tokens an image may take so that either agent's prompt, image and
@@ -157,7 +160,13 @@ def ask(
     load = load_ms.get(agent.name, 0.0)
     if options.mode == "large":
         work = workers.spawn(
-            agent.answer_short, question, sampling, load_ms=load, cancel=cancel, progress=progress
+            agent.answer_short,
+            question,
+            sampling,
+            load_ms=load,
+            cancel=cancel,
+            progress=progress,
+            image_cache=options.image_cache,
         )
         result = _wait(work, cancel).result
     else:
@@ -169,6 +178,7 @@ def ask(
             load_ms=load,
             cancel=cancel,
             progress=progress,
+            image_cache=options.image_cache,
         )
         result = _wait(work, cancel)
     wall = (time.perf_counter() - start) * 1000.0
@@ -298,6 +308,7 @@ class _Duo:
                 cancel=workers.AnyOf(self.cancel, self.confident),
                 progress=self.progress,
                 reasoning_logprobs=self.options.selector == "surprisal",
+                image_cache=self.options.image_cache,
             )
         except Cancelled:
             if self.cancel.is_set() or not self.confident.is_set():
@@ -312,6 +323,7 @@ class _Duo:
             load_ms=self.load_ms.get(self.large.name, 0.0),
             cancel=self.cancel,
             progress=self.progress,
+            image_cache=self.options.image_cache,
         )
 
     def _decide(

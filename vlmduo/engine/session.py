@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from vlmduo.engine import logs, sampling, threads
+from vlmduo.engine import logs, prefix_cache, sampling, threads
+from vlmduo.engine.prefix_cache import Prefix, PrefixCache
 from vlmduo.errors import Cancelled, ContextOverflowError, EngineError, ModelError
 from vlmduo.timing import StageTimes
 
@@ -212,6 +213,7 @@ class Session:
         self.n_past = 0
         self.n_prompt_tokens = 0
         self.n_image_tokens = 0
+        self.n_cached_tokens = 0  # prompt tokens restored from a PrefixCache, not computed
         self.n_generated = 0
         self._images: list[_ImageSpan] = []
         # Threads llama.cpp ran each stage with (the last fit of the stage).
@@ -235,10 +237,21 @@ class Session:
             raise Cancelled(f"{self.model.name}: cancelled")
 
     # -- prompt ----------------------------------------------------------------
-    def prefill(self, prompt: str, image: Pixels | None = None, *, reserve: int = 0) -> None:
-        """Tokenize, encode the image and prefill ``prompt``; ``reserve`` cells must fit after."""
-        import llama_cpp.mtmd_cpp as mtmd
+    def prefill(
+        self,
+        prompt: str,
+        image: Pixels | None = None,
+        *,
+        reserve: int = 0,
+        cache: PrefixCache | None = None,
+    ) -> None:
+        """Tokenize, encode the image and prefill ``prompt``; ``reserve`` cells must fit after.
 
+        With ``cache``, the state up to and including the image is restored from it when
+        it holds one for this model, image and prompt start (then neither the image's
+        preprocessing and encode nor that part's prefill runs: ``n_cached_tokens`` says how
+        many tokens were restored), and kept in it when it does not.
+        """
         self._live()
         model = self.model
         if image is None and model.has_vision and model.marker in prompt:
@@ -249,25 +262,126 @@ class Session:
             bos = self.n_past == 0 and model.add_bos
             self._append_tokens(model.tokenize(prompt, special=True, add_bos=bos), "prefill", reserve)
             return
+        key = self._prefix_key(prompt, image) if cache is not None else None
+        prefix = self._restore(cache, key) if key is not None else None
+        if prefix is not None and prefix.tail_head is not None:
+            # Neither preprocessing nor encode: the text after the image, tokenized as
+            # libmtmd tokenizes it (checked when the prefix was kept), is all that is left.
+            tail = list(prefix.tail_head) + model.tokenize(prompt.rsplit(model.marker, 1)[1], special=True)
+            self._append_tokens(tail, "prefill", reserve)
+        else:
+            self._prefill_chunks(prompt, image, reserve, cache, key, restored=prefix is not None)
+        if image is not None:
+            self.times.add("image", image.decode_ms)
+
+    def _prefill_chunks(
+        self,
+        prompt: str,
+        image: Pixels | None,
+        reserve: int,
+        cache: PrefixCache | None,
+        key: str | None,
+        *,
+        restored: bool,
+    ) -> None:
+        """Tokenize through libmtmd (preprocessing the image), then evaluate the chunks:
+        those after the image only when its prefix was ``restored``; with ``key``, the
+        state right after the image is kept in ``cache``."""
+        import llama_cpp.mtmd_cpp as mtmd
+
+        model = self.model
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             # The projector may be reloaded with other threads (not counted as the image's
             # time): not while another session of this model preprocesses or encodes with it.
             with model.encode_lock:
-                if image is not None:
+                if image is not None and not restored:
                     self.threads_used["encode"] = model.fit_projector()
                 with self.times.measure("image"):
                     self._tokenize(chunks, prompt, image)
-            self._check_fits(mtmd.mtmd_helper_get_n_tokens(chunks), reserve)
+            n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+            last_image = _last_image_chunk(chunks, n_chunks)
+            first = last_image + 1 if restored else 0
+            n_new = sum(_chunk_tokens(chunks, i) for i in range(first, n_chunks))
+            self._check_fits(n_new, reserve)
             self.threads_used["prefill"] = self.context.fit()
             with self.context.abortable(self.cancel):
-                for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                for i in range(first, n_chunks):
                     self._check_cancel()  # between chunks: an image encode is not abortable
                     self._eval_chunk(mtmd.mtmd_input_chunks_get(chunks, i))
+                    if key is not None and cache is not None and i == last_image and not restored:
+                        tail = [t for j in range(i + 1, n_chunks) for t in _text_tokens(chunks, j)]
+                        cache.put(key, self._prefix(tail, prompt.rsplit(model.marker, 1)[1]))
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-        if image is not None:
-            self.times.add("image", image.decode_ms)
+
+    def _prefix_key(self, prompt: str, image: Pixels | None) -> str | None:
+        """The cache key of the prompt's state up to and including its image: the llama.cpp
+        build, the model and projector files, the settings that change that state, the
+        prompt's text before the image and the image's pixels. None when the prompt cannot
+        share one (no image, not at the conversation's start, or no text after the image:
+        a restored state carries no logits, the text after it computes them). A template
+        that puts the question before the image gets a key per question: no sharing."""
+        model = self.model
+        if image is None or self.n_past != 0 or prompt.count(model.marker) != 1:
+            return None
+        head, tail = prompt.split(model.marker)
+        if not tail:
+            return None
+        settings = model.settings
+        bounds = (
+            settings.image_min_tokens,
+            settings.image_max_tokens,
+            settings.n_gpu_layers,
+            self.context.n_batch,
+        )
+        return prefix_cache.digest(model.identity(), bounds, head, image_digest(image))
+
+    def _restore(self, cache: PrefixCache | None, key: str) -> Prefix | None:
+        """Restore the cached prefix for ``key`` into sequence 0: the prefix, or None when
+        the cache has none or llama.cpp refused it (then the sequence is left empty)."""
+        import llama_cpp
+
+        assert cache is not None
+        with self.times.measure("restore"):
+            prefix = cache.get(key)
+            if prefix is None:
+                return None
+            data = (ctypes.c_uint8 * len(prefix.state)).from_buffer_copy(prefix.state)
+            if llama_cpp.llama_state_seq_set_data(self.context._ctx, data, len(prefix.state), 0) == 0:
+                llama_cpp.llama_memory_clear(self._mem, True)
+                return None
+        self.n_past = prefix.n_past
+        self._images = [_ImageSpan(*span) for span in prefix.spans]
+        self.n_prompt_tokens += prefix.prompt_tokens
+        self.n_image_tokens += prefix.image_tokens
+        self.n_cached_tokens += prefix.tokens
+        return prefix
+
+    def _prefix(self, tail: list[int], tail_text: str) -> Prefix:
+        """This sequence's state now (right after the image) as a cache entry. ``tail``
+        is what libmtmd made of the rest of the prompt, ``tail_text``: when ``tail`` is
+        some tokens of its own (the image's end marker) followed by exactly what
+        ``tokenize`` makes of the text, a later prompt is tokenized without libmtmd."""
+        import llama_cpp
+
+        ctx = self.context._ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        spans = tuple((s.pos_start, s.pos_end, s.n_cells) for s in self._images)
+        text = self.model.tokenize(tail_text, special=True)
+        split = len(tail) - len(text)
+        head = tuple(tail[:split]) if split >= 0 and tail[split:] == text else None
+        return Prefix(
+            bytes(buf)[:written],
+            self.n_past,
+            spans,
+            self.n_prompt_tokens,
+            self.n_image_tokens,
+            self.model.name,
+            head,
+        )
 
     def _tokenize(self, chunks: object, prompt: str, image: Pixels | None) -> None:
         import llama_cpp.mtmd_cpp as mtmd
@@ -487,6 +601,43 @@ class Session:
         if logprob is not None:
             self.last.logprobs.append(logprob)
         self.n_generated += 1
+
+
+def _last_image_chunk(chunks: object, n_chunks: int) -> int:
+    """The index of the last image chunk in ``chunks`` (-1: none)."""
+    import llama_cpp.mtmd_cpp as mtmd
+
+    for i in reversed(range(n_chunks)):
+        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+        if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            return i
+    return -1
+
+
+def _chunk_tokens(chunks: object, i: int) -> int:
+    """The KV cells chunk ``i`` fills."""
+    import llama_cpp.mtmd_cpp as mtmd
+
+    return mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
+
+
+def _text_tokens(chunks: object, i: int) -> list[int]:
+    """The tokens of text chunk ``i`` (none for an image chunk)."""
+    import llama_cpp.mtmd_cpp as mtmd
+
+    chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+    if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+        return []
+    n = ctypes.c_size_t()
+    tokens = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+    return list(tokens[: n.value])
+
+
+def image_digest(image: Pixels) -> str:
+    """A digest of an image's pixels and size (what its encode depends on); an image
+    that keeps its own (``LoadedImage.digest``) hashes its pixels once."""
+    own = getattr(image, "digest", None)
+    return own if isinstance(own, str) else prefix_cache.digest(image.width, image.height, image.rgb)
 
 
 def _stamped(event: TokenEvent, start: float) -> TokenEvent:

@@ -196,6 +196,21 @@ class Weights:
             self._load_projector()
         return self.projector_threads
 
+    def identity(self) -> list[object]:
+        """What names these exact weights (an image cache key part): the llama.cpp build
+        (its library file: a state is llama.cpp's own format), the model and projector
+        files, each with its size and modification time."""
+        import llama_cpp.llama_cpp as bindings
+
+        library = getattr(getattr(bindings, "_lib", None), "_name", None)
+        files = [Path(library)] if library else []
+        parts: list[object] = []
+        for path in [*files, self.model_path, self.mmproj_path]:
+            if path is not None:
+                st = path.stat()
+                parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        return parts
+
     @property
     def has_vision(self) -> bool:
         """True when a projector is loaded (image questions possible)."""

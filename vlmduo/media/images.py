@@ -8,6 +8,8 @@ download) becomes one :class:`~vlmduo.errors.ImageError` line that names the sou
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import re
 import stat
@@ -45,6 +47,14 @@ class LoadedImage:
     height: int
     source: str  # what the user passed ("-" for stdin)
     decode_ms: float  # fetch/read + decode + EXIF transpose + RGB conversion
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the pixels and size (an image cache key part), computed once."""
+        h = hashlib.blake2b(digest_size=20)
+        h.update(f"{self.width}x{self.height}:".encode())
+        h.update(self.rgb)
+        return h.hexdigest()
 
 
 def load_image(

@@ -297,7 +297,15 @@ class PairHost:
             "max_waiting": self.queue.max_waiting,
             "loads": self.loads,
             "asks": self.asks,
+            "image_cache": _image_cache_stats(),
         }
+
+
+def _image_cache_stats() -> dict[str, int]:
+    """The kept image prefixes (``vlmduo.api``'s, which this server's agents use)."""
+    from vlmduo import api
+
+    return api.image_prefixes().stats()
 
 
 def _unload_engine(agents: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,26 @@ def build_question(item: EvalItem) -> str:
     lines.append(item.question)
     lines.extend(f"{letter}. {text}" for letter, text in sorted(item.options.items()))
     return "\n".join(lines)
+
+
+def rotations(item: EvalItem) -> list[EvalItem]:
+    """MMBench's CircularEval passes of a multiple-choice item: pass ``k`` moves every
+    option text ``k`` letters up (A's text to the last letter ...), the answer letter
+    with it; pass 0 is the item itself, the others have ids ``ID@k``. An open question
+    has one pass."""
+    letters = sorted(item.options)
+    if len(letters) < 2:
+        return [item]
+    texts = [item.options[letter] for letter in letters]
+    right = letters.index(item.answer)
+    passes = []
+    for k in range(len(letters)):
+        options = {letter: texts[(i + k) % len(texts)] for i, letter in enumerate(letters)}
+        answer = letters[(right - k) % len(letters)]
+        passes.append(
+            replace(item, id=item.id if k == 0 else f"{item.id}@{k}", options=options, answer=answer)
+        )
+    return passes
 
 
 def _dataset_file(folder: Path) -> Path:

@@ -24,7 +24,7 @@ from vlmduo.duo.pipeline import POLICIES, AskOptions, AskResult, ask
 from vlmduo.duo.selection import SELECTORS
 from vlmduo.errors import ImageError, UsageError, VlmduoError
 from vlmduo.media.images import LoadedImage, load_image
-from vlmduo.study.datasets import BadItem, Dataset, EvalItem, build_question
+from vlmduo.study.datasets import BadItem, Dataset, EvalItem, build_question, rotations
 from vlmduo.study.evaluation import (
     MODES,
     ConfigSummary,
@@ -141,6 +141,7 @@ def run_eval(
     resume: bool = False,
     progress: Callable[[EvalProgress], None] | None = None,
     concurrency: int = 1,
+    circular: bool = False,
 ) -> EvalOutcome:
     """Answer every item in every configuration, appending one record per pair to ``log``.
 
@@ -149,6 +150,9 @@ def run_eval(
     in the log (failed ones excepted) are skipped. KeyboardInterrupt ends the run
     early and is reported as ``interrupted``. ``concurrency`` above 1 (remote agents
     only: a local model answers one question at a time) keeps that many in flight.
+    ``circular`` asks each multiple-choice item once per rotation of its options
+    (MMBench's CircularEval), one after the other: the image's prefix is reused, so a
+    pass costs only its question's tokens.
     """
     agents = {"small": small, "large": large}
     missing = [role for role in required_roles(configs) if agents[role] is None]
@@ -157,7 +161,8 @@ def run_eval(
     _check_concurrency(concurrency, [agents[role] for role in required_roles(configs)])
     base = options or AskOptions()
     done = log.done_keys(include_errors=False) if resume else set()
-    state = EvalProgress(0, len(configs) * len(dataset.items), "", "")
+    passes = {item.id: rotations(item) if circular else [item] for item in dataset.items}
+    state = EvalProgress(0, len(configs) * sum(len(p) for p in passes.values()), "", "")
     skipped = [0]
     n_run = 0
     interrupted = False
@@ -180,7 +185,7 @@ def run_eval(
             progress(state)
 
     try:
-        jobs = _jobs(dataset, configs, done, state, skipped)
+        jobs = _jobs(dataset, passes, configs, done, state, skipped)
         if concurrency == 1:
             for job in jobs:
                 keep(job, record(job))
@@ -200,11 +205,13 @@ def run_eval(
         n_skipped=skipped[0],
         n_errors=state.errors,
         interrupted=interrupted,
-        summaries=summarize_log(log, configs, dataset.items),
+        summaries=summarize_log(log, configs, [p for item in dataset.items for p in passes[item.id]]),
     )
 
 
-_Job = tuple[EvalItem, LoadedImage | None, str | None, EvalConfig]
+# (the pass to ask, its image, the image's error, the config, the item it is a pass of
+# and how many passes that has: None outside CircularEval)
+_Job = tuple[EvalItem, LoadedImage | None, str | None, EvalConfig, EvalItem, int | None]
 
 
 def _check_concurrency(concurrency: int, agents: Sequence[AgentLike | None]) -> None:
@@ -219,16 +226,24 @@ def _check_concurrency(concurrency: int, agents: Sequence[AgentLike | None]) -> 
 
 
 def _jobs(
-    dataset: Dataset, configs: Sequence[EvalConfig], done: set, state: EvalProgress, skipped: list[int]
+    dataset: Dataset,
+    passes: dict[str, list[EvalItem]],
+    configs: Sequence[EvalConfig],
+    done: set,
+    state: EvalProgress,
+    skipped: list[int],
 ) -> Iterator[_Job]:
-    """(item, image, image error, config) for every pair still to run; each image decoded once."""
+    """A job for every (pass, config) still to run; each image decoded once, and the
+    questions about one image asked one after the other (its prefix stays cached)."""
     for item in dataset.items:
-        todo = [c for c in configs if (c.key, item.id) not in done]
-        skipped[0] += len(configs) - len(todo)
-        state.done += len(configs) - len(todo)
+        todo = [(p, c) for c in configs for p in passes[item.id] if (c.key, p.id) not in done]
+        n = len(configs) * len(passes[item.id])
+        skipped[0] += n - len(todo)
+        state.done += n - len(todo)
         image, image_error = _item_image(item) if todo else (None, None)
-        for config in todo:
-            yield item, image, image_error, config
+        of = len(passes[item.id]) if len(passes[item.id]) > 1 else None
+        for one, config in todo:
+            yield one, image, image_error, config, item, of
 
 
 def _run_concurrently(
@@ -298,6 +313,8 @@ def _evaluate(
     image: LoadedImage | None,
     image_error: str | None,
     config: EvalConfig,
+    original: EvalItem,
+    n_passes: int | None,
     base: AskOptions,
     small: AgentLike | None,
     large: AgentLike | None,
@@ -305,6 +322,9 @@ def _evaluate(
 ) -> EvalRecord:
     """One (configuration, item) record; any failure is recorded, never raised."""
     record: EvalRecord = {"item_id": item.id, "config": config.key, "category": item.category}
+    if n_passes is not None:  # a CircularEval pass
+        rotation = int(item.id.rpartition("@")[2]) if item.id != original.id else 0
+        record.update(circular_of=original.id, rotation=rotation, rotations=n_passes)
     if image_error is not None:
         return {**record, "prediction": None, "correct": False, "error": image_error}
     fmt = answer_format(item)

@@ -15,6 +15,9 @@ one line of the results file. Fields (extra ones are kept and ignored here):
 - ``transferred_tokens`` (int | null): reasoning tokens inserted into the large agent.
 - ``error`` (str, present only on failure): the one-line cause; such a record
   counts as answered wrongly.
+- ``circular_of`` / ``rotation`` / ``rotations`` (CircularEval runs only): the
+  item the record is a pass of, which pass (0: the options as given) and how many
+  passes the item has.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class EvalRecord(TypedDict, total=False):
     route: str | None
     transferred_tokens: int | None
     error: str
+    circular_of: str
+    rotation: int
+    rotations: int
 
 
 def config_key(mode: str, policy: str | None = None, selector: str | None = None) -> str:
@@ -229,6 +235,10 @@ class ConfigSummary:
     routes: dict[str, int]
     mean_transferred_tokens: float | None
     n_errors: int
+    # MMBench's CircularEval: an item counts only when every pass of its rotated
+    # options is right (None: the run was not circular). ``n``, ``accuracy`` and
+    # ``categories`` are over the first passes (the options as given).
+    circular: Score | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary."""
@@ -247,9 +257,13 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[ConfigSummary]:
     return [_summarize_config(key, list(items.values())) for key, items in by_config.items()]
 
 
-def _summarize_config(config: str, records: list[Mapping[str, Any]]) -> ConfigSummary:
+def _summarize_config(config: str, all_records: list[Mapping[str, Any]]) -> ConfigSummary:
     """The summary of one configuration's records (at least one)."""
-    ok = [r for r in records if "error" not in r]
+    circular = _circular_score(all_records)
+    # Accuracy over the options as given; the other CircularEval passes count in
+    # ``circular`` and in the token, latency and route figures.
+    records = [r for r in all_records if not r.get("rotation")] or all_records
+    ok = [r for r in all_records if "error" not in r]
     correct = [bool(r.get("correct")) and "error" not in r for r in records]
     categories: dict[str, list[bool]] = {}
     for record, right in zip(records, correct, strict=True):
@@ -275,7 +289,24 @@ def _summarize_config(config: str, records: list[Mapping[str, Any]]) -> ConfigSu
         latency_p90_ms=p90,
         routes=dict(sorted(routes.items())),
         mean_transferred_tokens=statistics.fmean(transferred) if transferred else None,
-        n_errors=len(records) - len(ok),
+        n_errors=len(all_records) - len(ok),
+        circular=circular,
+    )
+
+
+def _circular_score(records: list[Mapping[str, Any]]) -> Score | None:
+    """CircularEval: per item, right only when all its passes were run and are right."""
+    if not any(r.get("circular_of") is not None for r in records):
+        return None
+    passes: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:  # a first pass may come from an earlier, plain run (--resume)
+        passes.setdefault(str(record.get("circular_of") or record["item_id"]), []).append(record)
+    return _score(
+        [
+            len(group) == max(int(r.get("rotations") or 1) for r in group)
+            and all(bool(r.get("correct")) and "error" not in r for r in group)
+            for group in passes.values()
+        ]
     )
 
 

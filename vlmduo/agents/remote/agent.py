@@ -277,6 +277,7 @@ class RemoteAgent:
         cancel: CancelFlag | None = None,
         progress: Progress | None = None,
         reasoning_logprobs: bool = False,
+        image_cache: bool = True,  # the server's prefix cache is its own business
     ) -> AgentResult:
         """Reason for at most ``think_budget`` tokens (one request, the model card's
         sampling), then continue that reply, closed (with Qwen3's hand-off when the
@@ -326,6 +327,7 @@ class RemoteAgent:
         load_ms: float = 0.0,
         cancel: CancelFlag | None = None,
         progress: Progress | None = None,
+        image_cache: bool = True,  # the server's prefix cache is its own business
     ) -> ShortAnswer:
         """Send the image and question and decode a short constrained answer.
 
