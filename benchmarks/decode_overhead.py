@@ -243,7 +243,7 @@ def second_ask_check(resolved: api.ResolvedModel, settings: EngineSettings, firs
     print(f"  second load_model: {second_ms:9.3f} ms   (same object: {'yes' if model is again else 'no'})")
     agent = Agent(model)
     question = make_question("Is there a red car? yes or no", synthetic_image(96, 72, seed=3), "yesno")
-    options = AskOptions(mode="large", max_answer_tokens=4)
+    options = AskOptions(mode="large", max_answer_tokens=4, image_cache=False)
     for i, load_ms in enumerate((first_ms, second_ms), start=1):
         result = ask(question, options, large=agent, load_ms={agent.name: load_ms})
         assert result.large is not None

@@ -135,7 +135,9 @@ def run_duo(
 ) -> tuple[AskResult, int]:
     """One ``duo`` ask with policy ``always``; returns it and the transfer step's answer tokens."""
     counter = TransferCounter(large.name)
-    options = AskOptions(mode="duo", policy="always", think_budget=budget, sequential=sequential)
+    options = AskOptions(
+        mode="duo", policy="always", think_budget=budget, sequential=sequential, image_cache=False
+    )
     result = ask(question, options, small=small, large=large, progress=counter)
     if result.route != "transfer" or result.transferred is None:
         raise RuntimeError(f"expected route transfer, got {result.route}")
@@ -147,7 +149,7 @@ def run_duo(
 
 def run_large_think(question: Question, large: Agent, budget: int) -> AskResult:
     """One ``large-think`` ask: the large model reasons ``budget`` tokens itself."""
-    return ask(question, AskOptions(mode="large-think", think_budget=budget), large=large)
+    return ask(question, AskOptions(mode="large-think", think_budget=budget, image_cache=False), large=large)
 
 
 def chain_ms(timings: dict[str, float]) -> float:

@@ -89,7 +89,7 @@ def in_process(image: Path, asks: int, think_budget: int, threads: int | None) -
     from vlmduo.cli import options as opt
     from vlmduo.duo.pipeline import AskOptions
 
-    options = AskOptions(think_budget=think_budget)
+    options = AskOptions(think_budget=think_budget, image_cache=False)
     settings = opt.engine_settings(
         options,
         ctx=4096,
@@ -125,11 +125,13 @@ def part1(env: dict[str, str], image: Path, asks: int, think_budget: int, thread
     engine = ["--image-max-tokens", str(image_cap(think_budget))]
     engine += ["--threads", str(threads)] if threads else []
     ask = ["ask", str(image), QUESTION, "--pair", "synthetic", "--think-budget", str(think_budget), *engine]
+    ask += ["--no-image-cache"]  # every ask pays for its image, as before the cache
     interpreter = statistics.median(timed_cmd([sys.executable, "-c", "pass"], env) for _ in range(5))
     cli_start = statistics.median(timed("--help", env=env) for _ in range(5))
     cold = [timed(*ask, "--no-server", env=env) for _ in range(3)]
     load_s, inproc = in_process(image, asks, think_budget, threads)
-    url = vlmduo("serve", "--pair", "synthetic", "--port", "0", "--detach", *engine, env=env).stdout.decode()
+    serve = ["serve", "--pair", "synthetic", "--port", "0", "--detach", "--cache-images", "0", *engine]
+    url = vlmduo(*serve, env=env).stdout.decode()
     server_ms: list[float] = []
     try:
         warmup = vlmduo(*ask, env=env)

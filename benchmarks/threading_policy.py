@@ -127,7 +127,9 @@ def child_duo(budget: int) -> dict:
     out: dict[str, list[float]] = {}
     for _ in range(3):
         for sequential in (False, True):
-            options = AskOptions(policy="always", think_budget=budget, sequential=sequential)
+            options = AskOptions(
+                policy="always", think_budget=budget, sequential=sequential, image_cache=False
+            )
             result = ask(question, options, small=small, large=large)
             key = "seq" if sequential else "conc"
             out.setdefault(f"stage1_{key}", []).append(result.timings_ms["stage1"])

@@ -166,7 +166,8 @@ def part_load(args: argparse.Namespace) -> None:
 
 def vlmduo_ask(model: tuple[str, str], image: str, args: argparse.Namespace, *extra: str) -> list[str]:
     return [
-        *vlmduo_command(), "ask", image, QUESTION, "-q", "--no-server", "--threads", str(args.threads),
+        *vlmduo_command(), "ask", image, QUESTION, "-q", "--no-server", "--no-image-cache",
+        "--threads", str(args.threads),
         "--large", model[0], "--large-mmproj", model[1], *extra,
     ]  # fmt: skip
 

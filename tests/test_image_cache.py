@@ -253,6 +253,10 @@ def test_no_image_cache_neither_reuses_nor_keeps(isolated_env, pair_args, image_
         path.unlink()
     _asks([str(image_file), "Is it round?", *pair_args, "--no-image-cache", "--mode", "large"], isolated_env)
     assert not list(kv.glob("*.kv"))
+    table = run_cli(["ask", str(image_file), "Is it round?", *pair_args, *ENGINE, "--mode", "large",
+                     "--no-server", "--no-image-cache"], isolated_env)  # fmt: skip
+    rows = [line.split()[0] for line in table.stderr.decode().splitlines() if line.strip()]
+    assert "encode" in rows and "restore" not in rows and "cached" not in rows
 
 
 def test_several_questions_pay_for_the_image_once(isolated_env, pair_args, image_file):
@@ -268,6 +272,9 @@ def test_several_questions_pay_for_the_image_once(isolated_env, pair_args, image
         isolated_env,
     )
     assert plain.returncode == 0 and len(plain.stdout.decode().splitlines()) == 2
+    # Both restored (from the disk, after the run above): a restore row and the tokens it held.
+    rows = [line.split()[0] for line in plain.stderr.decode().splitlines() if line.strip()]
+    assert rows.count("restore") == 2 and rows.count("cached") == 2 and rows.count("encode") == 2
 
 
 def test_several_questions_with_each_are_refused(isolated_env, pair_args, tmp_path):

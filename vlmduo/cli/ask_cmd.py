@@ -41,13 +41,13 @@ have no effect in the chosen --mode are refused (exit 2), never silently dropped
 
   vlmduo ask photo.jpg "Which is larger? A. the cup B. the plate" --json
 
-  vlmduo ask photo.jpg "How many people?" "Is it raining?"   (two answer lines)
+  vlmduo ask photo.jpg "How many people?" "Is it raining?"   (two answers)
 
   cat scan.png | vlmduo ask - "What does the sign say?" --mode large -q
 
   vlmduo ask example "Is there a square?" --pair synthetic   (no download)
 
-  vlmduo ask --each photos/ "Is there a dog?" > answers.jsonl   (models loaded once)
+  vlmduo ask --each photos/ "Is there a dog?" > answers.jsonl   (one load)
 
 A running `vlmduo serve` for the same models answers instead (no load); --no-server \
 answers in this process. The models' state up to the image is kept (in the server, \

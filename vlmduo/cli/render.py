@@ -221,13 +221,18 @@ def timing_table(result: AskResult) -> Table:
     for (role, agent), is_remote in zip(agents, remote, strict=True):
         head = f"{role} (remote)" if is_remote else role
         table.add_column(f"{head}\n{agent.model}", justify="right", overflow="fold")
-    for stage in AGENT_STAGES + (("request",) if any(remote) else ()):
+    # An image prefix restored from the cache: how long that took, in place of an encode.
+    restored = any(a.tokens.get("cached") for _, a in agents)
+    stages = list(AGENT_STAGES) + (["request"] if any(remote) else [])
+    if restored and not all(remote):
+        stages.insert(stages.index("encode"), "restore")
+    for stage in stages:
         table.add_row(stage, *[fmt_ms(a.timings_ms.get(stage), missing="") for _, a in agents])
     table.add_row(
         Text("tokens p/i/g", style="dim"),
         *[Text("{prompt}/{image}/{generated}".format(**a.tokens), style="dim") for _, a in agents],
     )
-    if any(remote):
+    if any(remote) or restored:
         cached = [a.tokens.get("cached") for _, a in agents]
         table.add_row(Text("cached tok", style="dim"), *[Text("" if c is None else str(c)) for c in cached])
     pad = [""] * (len(agents) - 1)

