@@ -20,6 +20,7 @@ it reports:
     git worktree add /tmp/before <commit>
     python benchmarks/answer_path.py --tree /tmp/before --tree .
     python benchmarks/answer_path.py --tree . --think-budget 128
+    python benchmarks/answer_path.py --tree /tmp/before --tree . --temperature 0
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ QUESTIONS = [
 MODES = ("small", "large", "duo")
 
 
-def child(tree: str, pairs: dict[str, dict[str, str]], budget: int) -> None:
+def child(tree: str, pairs: dict[str, dict[str, str]], budget: int, temperature: float | None) -> None:
     """In a process importing ``tree``'s vlmduo: every question in every mode, one JSON line each."""
     sys.path.insert(0, tree)
     from vlmduo import api
@@ -77,9 +78,8 @@ def child(tree: str, pairs: dict[str, dict[str, str]], budget: int) -> None:
         large, _ = api.load_agent(files["large"], files["large_mmproj"], settings, role="large")
         for question, truth in QUESTIONS:
             for mode in MODES:
-                result = api.answer(
-                    None, question, AskOptions(mode=mode, think_budget=budget), small=small, large=large
-                )
+                options = AskOptions(mode=mode, think_budget=budget, temperature=temperature)
+                result = api.answer(None, question, options, small=small, large=large)
                 data = result.to_json()
                 data.update(pair=pair_name, question=question, truth=truth)
                 print(json.dumps(data), flush=True)
@@ -176,22 +176,28 @@ def main() -> None:
     )
     parser.add_argument("--tree", action="append", help="a vlmduo checkout to measure (repeatable)")
     parser.add_argument("--think-budget", type=int, default=64)
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="reasoning temperature (default: each tree's)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        child(spec["tree"], spec["pairs"], spec["budget"])
+        child(spec["tree"], spec["pairs"], spec["budget"], spec["temperature"])
         return
     pairs = model_files()
     for tree in args.tree or [str(ROOT)]:
         tree = str(Path(tree).resolve())
-        spec = json.dumps({"tree": tree, "pairs": pairs, "budget": args.think_budget})
+        spec = json.dumps(
+            {"tree": tree, "pairs": pairs, "budget": args.think_budget, "temperature": args.temperature}
+        )
         out = subprocess.run(
             [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True, cwd="/"
         )
         records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
         hit, total = formats_share(tree)
-        print(f"{tree}  (think budget {args.think_budget}, {len(records)} asks)")
+        shown = "each tree's default" if args.temperature is None else args.temperature
+        print(f"{tree}  (think budget {args.think_budget}, temperature {shown}, {len(records)} asks)")
         print(f"  benchmark phrasings with the expected format: {hit}/{total}")
         for key, value in summarize(records).items():
             print(f"  {key}: {value}")
