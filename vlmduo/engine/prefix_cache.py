@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _MAGIC = b"VLMDUOKV"
 _FORMAT = 1
@@ -82,10 +83,14 @@ class DiskPrefixes:
         exactly what was written for that key."""
         path = self._path(key)
         try:
-            data = path.read_bytes()
-        except OSError:
+            with path.open("rb") as handle:
+                meta = _read_meta(handle)
+                state = handle.read()  # after the metadata: the state, read once
+        except FileNotFoundError:
             return None
-        prefix = _decode(data, key)
+        except OSError:
+            meta = None
+        prefix = _prefix(meta, state, key) if meta is not None else None
         if prefix is None:
             path.unlink(missing_ok=True)  # corrupt, truncated or foreign: rebuilt next time
             return None
@@ -101,7 +106,8 @@ class DiskPrefixes:
             tmp = self.folder / f".{key}.{os.getpid()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as handle:
-                handle.write(_encode(key, prefix))
+                handle.write(_header(key, prefix))
+                handle.write(prefix.state)
             os.replace(tmp, self._path(key))
         except OSError:
             return
@@ -115,11 +121,10 @@ class DiskPrefixes:
             try:
                 st = path.stat()
                 with path.open("rb") as handle:
-                    magic, fmt, size = _HEADER.unpack(handle.read(_HEADER.size))
-                    meta = json.loads(handle.read(size)) if magic == _MAGIC and fmt == _FORMAT else None
-            except (OSError, ValueError, struct.error):
+                    meta = _read_meta(handle)
+            except OSError:
                 continue
-            if isinstance(meta, dict):
+            if meta is not None:
                 yield path, st, meta
 
     def evict(self) -> None:
@@ -146,7 +151,8 @@ def _private(folder: Path) -> bool:
     return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o077
 
 
-def _encode(key: str, prefix: Prefix) -> bytes:
+def _header(key: str, prefix: Prefix) -> bytes:
+    """What a file holds before the state: the format's header and the JSON metadata."""
     meta = {
         "key": key,
         "n_past": prefix.n_past,
@@ -159,15 +165,25 @@ def _encode(key: str, prefix: Prefix) -> bytes:
         "checksum": hashlib.blake2b(prefix.state, digest_size=20).hexdigest(),
     }
     blob = json.dumps(meta).encode()
-    return _HEADER.pack(_MAGIC, _FORMAT, len(blob)) + blob + prefix.state
+    return _HEADER.pack(_MAGIC, _FORMAT, len(blob)) + blob
 
 
-def _decode(data: bytes, key: str) -> Prefix | None:
+def _read_meta(handle: BinaryIO) -> dict | None:
+    """A file's metadata, read up to where its state begins; None when it is not a
+    prefix file of this format."""
     try:
-        magic, fmt, size = _HEADER.unpack_from(data)
-        meta = json.loads(data[_HEADER.size : _HEADER.size + size])
-        state = data[_HEADER.size + size :]
-        if magic != _MAGIC or fmt != _FORMAT or meta["key"] != key or len(state) != meta["size"]:
+        magic, fmt, size = _HEADER.unpack(handle.read(_HEADER.size))
+        meta = json.loads(handle.read(size)) if magic == _MAGIC and fmt == _FORMAT else None
+    except (ValueError, struct.error):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _prefix(meta: dict, state: bytes, key: str) -> Prefix | None:
+    """The prefix a file's metadata and state stand for, when they are exactly what was
+    written under ``key``."""
+    try:
+        if meta["key"] != key or len(state) != meta["size"]:
             return None
         if hashlib.blake2b(state, digest_size=20).hexdigest() != meta["checksum"]:
             return None

@@ -264,13 +264,15 @@ class Session:
             return
         key = self._prefix_key(prompt, image) if cache is not None else None
         prefix = self._restore(cache, key) if key is not None else None
+        after = prompt.rsplit(model.marker, 1)[-1]  # the text after the image
         if prefix is not None and prefix.tail_head is not None:
             # Neither preprocessing nor encode: the text after the image, tokenized as
             # libmtmd tokenizes it (checked when the prefix was kept), is all that is left.
-            tail = list(prefix.tail_head) + model.tokenize(prompt.rsplit(model.marker, 1)[1], special=True)
+            tail = list(prefix.tail_head) + model.tokenize(after, special=True)
             self._append_tokens(tail, "prefill", reserve)
         else:
-            self._prefill_chunks(prompt, image, reserve, cache, key, restored=prefix is not None)
+            keep = (cache, key, after) if key is not None and prefix is None else None
+            self._prefill_chunks(prompt, image, reserve, keep, restored=prefix is not None)
         if image is not None:
             self.times.add("image", image.decode_ms)
 
@@ -279,14 +281,14 @@ class Session:
         prompt: str,
         image: Pixels | None,
         reserve: int,
-        cache: PrefixCache | None,
-        key: str | None,
+        keep: tuple[PrefixCache, str, str] | None,
         *,
         restored: bool,
     ) -> None:
         """Tokenize through libmtmd (preprocessing the image), then evaluate the chunks:
-        those after the image only when its prefix was ``restored``; with ``key``, the
-        state right after the image is kept in ``cache``."""
+        those after the image only when its prefix was ``restored``. With ``keep`` (a
+        cache, a key and the prompt's text after the image), the state right after the
+        image is kept in the cache under the key."""
         import llama_cpp.mtmd_cpp as mtmd
 
         model = self.model
@@ -309,9 +311,10 @@ class Session:
                 for i in range(first, n_chunks):
                     self._check_cancel()  # between chunks: an image encode is not abortable
                     self._eval_chunk(mtmd.mtmd_input_chunks_get(chunks, i))
-                    if key is not None and cache is not None and i == last_image and not restored:
+                    if keep is not None and i == last_image:
+                        cache, key, after = keep
                         tail = [t for j in range(i + 1, n_chunks) for t in _text_tokens(chunks, j)]
-                        cache.put(key, self._prefix(tail, prompt.rsplit(model.marker, 1)[1]))
+                        cache.put(key, self._prefix(tail, after))
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
@@ -335,7 +338,7 @@ class Session:
             settings.n_gpu_layers,
             self.context.n_batch,
         )
-        return prefix_cache.digest(model.identity(), bounds, head, image_digest(image))
+        return prefix_cache.digest(model.identity, bounds, head, image_digest(image))
 
     def _restore(self, cache: PrefixCache | None, key: str) -> Prefix | None:
         """Restore the cached prefix for ``key`` into sequence 0: the prefix, or None when
@@ -347,7 +350,8 @@ class Session:
             prefix = cache.get(key)
             if prefix is None:
                 return None
-            data = (ctypes.c_uint8 * len(prefix.state)).from_buffer_copy(prefix.state)
+            # llama.cpp reads the bytes where they are (no copy of a state of tens of MB).
+            data = ctypes.cast(ctypes.c_char_p(prefix.state), ctypes.POINTER(ctypes.c_uint8))
             if llama_cpp.llama_state_seq_set_data(self.context._ctx, data, len(prefix.state), 0) == 0:
                 llama_cpp.llama_memory_clear(self._mem, True)
                 return None
@@ -374,7 +378,7 @@ class Session:
         split = len(tail) - len(text)
         head = tuple(tail[:split]) if split >= 0 and tail[split:] == text else None
         return Prefix(
-            bytes(buf)[:written],
+            ctypes.string_at(buf, written),
             self.n_past,
             spans,
             self.n_prompt_tokens,

@@ -62,6 +62,21 @@ def _model_info(model: object, path: Path) -> gguf_check.GgufInfo:
     )
 
 
+def _identity(*paths: Path | None) -> list[object]:
+    """What names the weights loaded from ``paths`` (an image cache key part): the
+    llama.cpp build (its library file: a state is llama.cpp's own format) and each file,
+    with its size and modification time."""
+    import llama_cpp.llama_cpp as bindings
+
+    library = getattr(getattr(bindings, "_lib", None), "_name", None)
+    parts: list[object] = []
+    for path in [Path(library) if library else None, *paths]:
+        if path is not None:
+            st = path.stat()
+            parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return parts
+
+
 class Weights:
     """A GGUF language model plus its projector, loaded once and kept: the weights,
     vocabulary and chat template every context over them shares."""
@@ -101,6 +116,8 @@ class Weights:
         # aborting: reading it first cost 16-19 ms on a 151,936-token vocabulary, 8% of
         # the load. When llama.cpp refuses, the header is read then, to say why.
         gguf_check.check_file(self.model_path, kind="model")
+        # Taken as the files are loaded: a file replaced later does not rename these weights.
+        self.identity = _identity(self.model_path, self.mmproj_path)
         proj = gguf_check.read_info(self.mmproj_path, kind="mmproj") if self.mmproj_path else None
         if proj is not None:
             gguf_check.check_projector(proj)
@@ -195,21 +212,6 @@ class Weights:
             self._mtmd = None
             self._load_projector()
         return self.projector_threads
-
-    def identity(self) -> list[object]:
-        """What names these exact weights (an image cache key part): the llama.cpp build
-        (its library file: a state is llama.cpp's own format), the model and projector
-        files, each with its size and modification time."""
-        import llama_cpp.llama_cpp as bindings
-
-        library = getattr(getattr(bindings, "_lib", None), "_name", None)
-        files = [Path(library)] if library else []
-        parts: list[object] = []
-        for path in [*files, self.model_path, self.mmproj_path]:
-            if path is not None:
-                st = path.stat()
-                parts.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-        return parts
 
     @property
     def has_vision(self) -> bool:
