@@ -209,9 +209,9 @@ def run_eval(
     )
 
 
-# (the pass to ask, its image, the image's error, the config, the item it is a pass of
-# and how many passes that has: None outside CircularEval)
-_Job = tuple[EvalItem, LoadedImage | None, str | None, EvalConfig, EvalItem, int | None]
+# (the item or pass to ask, its image, the image's error, the config, and for a
+# CircularEval pass the record's fields that say which: circular_of, rotation, rotations)
+_Job = tuple[EvalItem, LoadedImage | None, str | None, EvalConfig, dict[str, Any]]
 
 
 def _check_concurrency(concurrency: int, agents: Sequence[AgentLike | None]) -> None:
@@ -236,14 +236,15 @@ def _jobs(
     """A job for every (pass, config) still to run; each image decoded once, and the
     questions about one image asked one after the other (its prefix stays cached)."""
     for item in dataset.items:
-        todo = [(p, c) for c in configs for p in passes[item.id] if (c.key, p.id) not in done]
-        n = len(configs) * len(passes[item.id])
+        mine = passes[item.id]
+        todo = [(k, c) for c in configs for k, p in enumerate(mine) if (c.key, p.id) not in done]
+        n = len(configs) * len(mine)
         skipped[0] += n - len(todo)
         state.done += n - len(todo)
         image, image_error = _item_image(item) if todo else (None, None)
-        of = len(passes[item.id]) if len(passes[item.id]) > 1 else None
-        for one, config in todo:
-            yield one, image, image_error, config, item, of
+        for k, config in todo:
+            circular = {"circular_of": item.id, "rotation": k, "rotations": len(mine)}
+            yield mine[k], image, image_error, config, circular if len(mine) > 1 else {}
 
 
 def _run_concurrently(
@@ -313,8 +314,7 @@ def _evaluate(
     image: LoadedImage | None,
     image_error: str | None,
     config: EvalConfig,
-    original: EvalItem,
-    n_passes: int | None,
+    circular: dict[str, Any],
     base: AskOptions,
     small: AgentLike | None,
     large: AgentLike | None,
@@ -322,9 +322,7 @@ def _evaluate(
 ) -> EvalRecord:
     """One (configuration, item) record; any failure is recorded, never raised."""
     record: EvalRecord = {"item_id": item.id, "config": config.key, "category": item.category}
-    if n_passes is not None:  # a CircularEval pass
-        rotation = int(item.id.rpartition("@")[2]) if item.id != original.id else 0
-        record.update(circular_of=original.id, rotation=rotation, rotations=n_passes)
+    record.update(circular)  # type: ignore[typeddict-item]
     if image_error is not None:
         return {**record, "prediction": None, "correct": False, "error": image_error}
     fmt = answer_format(item)
