@@ -153,15 +153,13 @@ def model_files() -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(ROOT))
     import real_models
 
-    from vlmduo.models.fixtures import gemma3, smolvlm
-
     folder = real_models.models_cache()
     smol, gemma = real_models.smollm2_with_smolvlm2_tokens(), real_models.assembled_gemma()
     smol_proj, gemma_proj = folder / "mmproj-smollm2-135m-bench.gguf", folder / "mmproj-gemma-270m-bench.gguf"
     if not smol_proj.exists():
-        smolvlm.build_mmproj(smolvlm.Shape(n_embd=576), smol_proj, name="smollm2-135m")
+        real_models.smollm2_projector(smol_proj)
     if not gemma_proj.exists():
-        gemma3.build_mmproj(gemma3.Shape(n_embd=640), gemma_proj, name="gemma-3-270m")
+        real_models.gemma270m_projector(gemma_proj)
     return {
         "smollm2+smollm2": {"small": str(smol), "small_mmproj": str(smol_proj), "large": str(smol),
                             "large_mmproj": str(smol_proj)},

@@ -157,14 +157,18 @@ def extend_vocab(source: Path, target: Path) -> None:
     finish(writer)
 
 
+def smollm2_projector(path: Path) -> Path:
+    """A SmolVLM projector for SmolLM2-135M at ``path``: a tiny vision tower, only its
+    output width the real model's (SmolVLM2-256M's too)."""
+    smolvlm.build_mmproj(smolvlm.Shape(n_embd=576), path, name="smollm2-135m")
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_files(real_dir: Path) -> RealModel:
     """SmolLM2-135M-Instruct (+ SmolVLM2's tokens) and a SmolVLM projector 576 wide."""
     model = timed("smollm2: language model (extended once, then reused)", smollm2_with_smolvlm2_tokens)
-    mmproj = real_dir / "mmproj-smollm2-135m.gguf"
-    # Tiny vision tower; only the output width is the real model's (SmolVLM2-256M's too).
-    shape = smolvlm.Shape(n_embd=576)
-    timed("smollm2: projector", lambda: smolvlm.build_mmproj(shape, mmproj, name="smollm2-135m"))
+    mmproj = timed("smollm2: projector", lambda: smollm2_projector(real_dir / "mmproj-smollm2-135m.gguf"))
     return RealModel("smollm2-135m", model, mmproj)
 
 
@@ -186,13 +190,17 @@ def assembled_gemma() -> Path:
     return target
 
 
+def gemma270m_projector(path: Path) -> Path:
+    """A Gemma 3 projector for Gemma 3 270M at ``path`` (its output 640 wide)."""
+    gemma3.build_mmproj(gemma3.Shape(n_embd=640), path, name="gemma-3-270m")
+    return path
+
+
 @pytest.fixture(scope="session")
 def gemma270m_files(real_dir: Path) -> RealModel:
     """Gemma 3 270M (base, no chat template) and a Gemma 3 projector 640 wide."""
     model = timed("gemma270m: language model (assembled once, then hash-checked)", assembled_gemma)
-    mmproj = real_dir / "mmproj-gemma-3-270m.gguf"
-    shape = gemma3.Shape(n_embd=640)
-    timed("gemma270m: projector", lambda: gemma3.build_mmproj(shape, mmproj, name="gemma-3-270m"))
+    mmproj = timed("gemma270m: projector", lambda: gemma270m_projector(real_dir / "mmproj-gemma-3-270m.gguf"))
     return RealModel("gemma-3-270m", model, mmproj)
 
 

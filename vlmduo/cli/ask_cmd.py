@@ -254,9 +254,7 @@ def _ask_here(
     from vlmduo.media.images import load_image
 
     if options.image_cache:
-        from vlmduo.cli.cache_cmd import disk_bytes
-
-        size = disk_bytes()
+        size = opt.image_cache_disk_bytes()
         api.keep_image_prefixes(disk=paths.kv_dir() if size else None, disk_bytes=size)
     loaded_image = load_image(source, stdin=stdin)
     resolved = opt.resolve_roles(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from rich.console import Console
 
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
-from vlmduo.cli.render import Column, fitted_tables, print_tables, stderr_console
+from vlmduo.cli.render import Column, fitted_tables, fmt_bytes, print_tables, stderr_console
 
 CACHE_HELP = """Show (or --clear) the image prefixes vlmduo keeps on disk.
 
@@ -32,24 +31,6 @@ image and settings asked about is ignored and rebuilt. --no-image-cache on \
   vlmduo cache --clear
 """
 
-ENV_SIZE = "VLMDUO_IMAGE_CACHE_SIZE"
-
-
-def size_text(n: int) -> str:
-    """A size in a table: 1.4 GiB, 210.5 MiB, 82 KiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 2**10:.0f} KiB"
-
-
-def disk_bytes() -> int:
-    """The disk cache's bound: ``$VLMDUO_IMAGE_CACHE_SIZE`` (4G when unset)."""
-    from vlmduo.engine.prefix_cache import DEFAULT_DISK_BYTES
-
-    value = os.environ.get(ENV_SIZE, "").strip()
-    return opt.parse_size(value, ENV_SIZE) if value else DEFAULT_DISK_BYTES
-
 
 def cache(
     clear: Annotated[bool, typer.Option("--clear", help="Remove every kept image prefix.")] = False,
@@ -58,13 +39,13 @@ def cache(
     from vlmduo import paths
     from vlmduo.engine.prefix_cache import DiskPrefixes
 
-    store = DiskPrefixes(paths.kv_dir(), disk_bytes())
+    store = DiskPrefixes(paths.kv_dir(), opt.image_cache_disk_bytes())
     if clear:
         freed = store.clear()
         if json_out:
             print(json.dumps({"folder": str(store.folder), "freed_bytes": freed}))
         else:
-            stderr_console().print(f"Cleared {size_text(freed)} of image prefixes from {store.folder}")
+            stderr_console().print(f"Cleared {fmt_bytes(freed)} of image prefixes from {store.folder}")
         return
     models: dict[str, dict[str, int]] = {}
     for _, st, meta in store.entries():
@@ -77,13 +58,13 @@ def cache(
         print(json.dumps(body, ensure_ascii=False))
         return
     console = Console(highlight=False)
-    head = f"Image prefixes in {store.folder}: {size_text(total)} (at most {size_text(store.max_bytes)})"
+    head = f"Image prefixes in {store.folder}: {fmt_bytes(total)} (at most {fmt_bytes(store.max_bytes)})"
     if not models:
         console.print(f"{head}; none kept yet")
         return
     console.print(head)
     columns = [Column("MODEL", wrap=True, min_width=12), Column("IMAGES", justify="right"), Column("SIZE")]
-    rows = [[name, str(row["images"]), size_text(row["bytes"])] for name, row in sorted(models.items())]
+    rows = [[name, str(row["images"]), fmt_bytes(row["bytes"])] for name, row in sorted(models.items())]
     print_tables(console, fitted_tables(None, columns, rows, width=console.width))
 
 

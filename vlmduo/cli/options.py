@@ -235,3 +235,14 @@ def parse_size(text: str, what: str) -> int:
             f"cannot read the size {text!r} for {what}", hint="write it as 4G, 512M, 800MiB or 0"
         )
     return int(size)
+
+
+IMAGE_CACHE_SIZE_ENV = "VLMDUO_IMAGE_CACHE_SIZE"
+
+
+def image_cache_disk_bytes() -> int:
+    """The bound of the image prefixes on disk: ``$VLMDUO_IMAGE_CACHE_SIZE`` (4G unset)."""
+    from vlmduo.engine.prefix_cache import DEFAULT_DISK_BYTES
+
+    value = os.environ.get(IMAGE_CACHE_SIZE_ENV, "").strip()
+    return parse_size(value, IMAGE_CACHE_SIZE_ENV) if value else DEFAULT_DISK_BYTES

@@ -42,6 +42,14 @@ def stderr_console(quiet: bool = False) -> Console:
     return terminal.console(stderr=True, highlight=False, quiet=quiet, soft_wrap=True)
 
 
+def fmt_bytes(n: int) -> str:
+    """A size in a table: 1.4 GiB, 210.5 MiB, 82 KiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
 def fmt_ms(value: float | None, missing: str = "–") -> str:
     """Milliseconds the way people read them: ms below 10 s, seconds above; ``missing`` for None."""
     if value is None:

