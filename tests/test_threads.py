@@ -50,6 +50,19 @@ def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, monkeypat
     assert load.others() == pytest.approx(1.5, abs=0.02)
 
 
+def test_a_reading_long_after_the_last_counts_runnable_threads(tmp_path, monkeypatch):
+    # A server idle for minutes, then asked under load: the average since the last
+    # reading would be the idle past; the threads runnable now are the load now.
+    clock = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    _fake_proc(tmp_path, busy_ticks=1000, own_ticks=300, running=1, own_running=1)
+    load = threads.CpuLoad(str(tmp_path))
+    assert load.others() == 0.0
+    clock[0] += 120.0
+    _fake_proc(tmp_path, busy_ticks=1000 + 5, own_ticks=300, running=3, own_running=1)
+    assert load.others() == 2.0  # not 5 ticks over two minutes
+
+
 def test_no_proc_means_no_adaptation(tmp_path):
     assert threads.CpuLoad(str(tmp_path / "absent")).others() == 0.0
 
@@ -77,6 +90,49 @@ class _Load:
 )
 def test_fit(share, cores, others, expected):
     assert threads.fit(share, cores, _Load(others)) == expected  # type: ignore[arg-type]
+
+
+# --- libgomp's short spin ------------------------------------------------------------
+
+_SHORT_SPIN = """
+import os, sys, time
+import llama_cpp  # loads ggml's CPU backend, and with it libgomp
+from vlmduo.engine import threads
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def until(expected):
+    deadline = time.monotonic() + 30  # a hang guard, not a timing claim
+    while tasks() != expected:
+        assert time.monotonic() < deadline, (tasks(), expected)
+        time.sleep(0.01)
+
+spin = threads.ShortSpin(cores=2)
+before = tasks()
+print(spin.follow(False), tasks() - before)  # idle: libgomp's own spin, no team
+print(spin.follow(True), tasks() - before)  # busy: a parked thread and its team of 3
+print(spin.follow(False, settle_s=60.0), tasks() - before)  # a lull: still held
+print(spin.follow(False, settle_s=0.0))  # settled: released
+until(before)  # the parked thread ended, libgomp let its team go
+print(tasks() - before)
+"""
+
+
+def test_short_spin_parks_a_team_while_busy_and_lets_it_go():
+    out = subprocess.run([sys.executable, "-c", _SHORT_SPIN], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # cores + 1 OpenMP threads: the parked Python thread leads, libgomp starts 2 more;
+    # more threads than CPUs is what makes libgomp spin 100 turns instead of 300,000.
+    assert out.stdout.split("\n")[:5] == ["False 0", "True 3", "True 3", "False", "0"]
+
+
+def test_without_libgomp_there_is_nothing_to_hold():
+    # Before llama.cpp is loaded (or in a build without OpenMP) no team is parked.
+    code = "from vlmduo.engine import threads; s = threads.ShortSpin(); print(s.follow(True))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 # --- a whole ask on a busy machine -------------------------------------------------
@@ -121,11 +177,13 @@ def test_on_a_busy_machine_every_stage_runs_one_thread_and_the_hand_over_too(ima
     # Every stage, the transfer after the hand-over between the agents included, and the
     # vision encoders: one thread, no barrier to wait at for a thread the busy cores hold.
     assert data["transferred"]["threads"] == {"transfer_prefill": 1, "answer_decode": 1}
+    assert data["transferred"]["waits"] == "short spin"  # libgomp's waits, read from the process
     for role in ("small", "large"):
         assert set(data[role]["threads"].values()) == {1}, data[role]["threads"]
     # Negative control: told to keep its threads, the same ask runs the configured count.
     assert control["transferred"]["threads"] == {"transfer_prefill": CORES, "answer_decode": CORES}
     assert control["large"]["threads"]["encode"] == CORES
+    assert control["transferred"]["waits"] == "default"
 
 
 @pytest.mark.skipif(CORES < 2 or not Path("/proc/stat").exists(), reason="needs two cores and /proc")
@@ -136,6 +194,7 @@ def test_doctor_reports_libgomps_settings_and_the_load(isolated_env):
     now = json.loads(out.stdout)["threads"]
     assert now["gomp_spincount"] is not None  # read from libgomp itself (omp_display_env)
     assert now["cores"] == CORES and now["others_busy_cores"] >= CORES - 0.5 and now["threads_now"] == 1
+    assert now["short_spin_now"] is True
 
 
 @pytest.mark.skipif(CORES < 2 or not hasattr(os, "sched_setaffinity"), reason="needs two cores and affinity")

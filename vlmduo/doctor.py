@@ -107,14 +107,17 @@ def collect(
 
 def _threads() -> dict[str, Any]:
     """The threading in force: libgomp's spin count (read from libgomp), the cores, what
-    other programs keep busy now and the threads a context would run with."""
+    other programs keep busy now, the threads a context would run with and whether
+    libgomp's waits would be the short spin (``threads.ShortSpin``)."""
     cores, load = threads.available_cores(), threads.CpuLoad()
     settings = threads.openmp_settings() or {}
+    others = load.others()
     return {
         "gomp_spincount": settings.get("GOMP_SPINCOUNT"),
         "cores": cores,
-        "others_busy_cores": round(load.others(), 2),
+        "others_busy_cores": round(others, 2),
         "threads_now": threads.fit(cores, cores, load),
+        "short_spin_now": threads.is_busy(others),
     }
 
 

@@ -23,6 +23,7 @@ from vlmduo.agents.base import (
     reasoning_sampler,
 )
 from vlmduo.answers import extract
+from vlmduo.engine import threads as engine_threads
 from vlmduo.engine.model import VisionLanguageModel
 from vlmduo.engine.prefix_cache import PrefixCache
 from vlmduo.engine.sampling import GREEDY
@@ -309,5 +310,5 @@ def transfer_answer(
     gen = _constrained_answer(session, agent, question, sampling, progress, "transfer", "answer_decode")
     answer = _answer_from(gen, question)
     used = {stage: session.threads_used[stage] for stage in ("transfer_prefill", "answer_decode")}
-    details = {"threads": used}
+    details = {"threads": used, "waits": engine_threads.waits()}
     return Transfer(answer, prefill_ms, gen.decode_ms, n_tokens, len(gen.tokens), _probability(gen), details)

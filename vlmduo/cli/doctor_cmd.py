@@ -74,7 +74,8 @@ def _render(report) -> None:
         table.add_row(
             "load",
             f"other programs keep {now['others_busy_cores']:g} of {now['cores']} cores busy: "
-            f"llama.cpp would run {now['threads_now']} thread(s) now",
+            f"llama.cpp would run {now['threads_now']} thread(s) now"
+            + (", waiting with a short spin" if now["short_spin_now"] else ""),
         )
     if report.pair is not None:
         _pair_rows(table, report.pair)

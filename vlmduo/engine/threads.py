@@ -10,13 +10,15 @@ share other processes leave free, at least one. One thread has no barrier to wai
 
 The load comes from the kernel's accounting (Linux ``/proc``): the CPU time every process
 spent between two readings, minus this process's own, over the wall time between them;
-the first reading, with nothing to compare, counts the other runnable threads instead.
+the first reading, with nothing to compare, and one long after the last, count the
+other runnable threads instead.
 Where ``/proc`` is absent the configured threads are used as they are.
 
-libgomp's own waiting policy is left as it is (spin ``GOMP_SPINCOUNT``, 300,000 by
-default, then sleep): with one thread per context under load there is no barrier to
-spin at, and on an idle machine a shorter spin measured slower (see
-``benchmarks/busy_machine.py``). :func:`openmp_settings` reads what libgomp runs with.
+libgomp's waiting follows the load too (:class:`ShortSpin`): its default spin
+(``GOMP_SPINCOUNT``, 300,000 turns, then sleep) while the machine is idle, where a
+shorter spin measured slower, and a 100-turn spin while it is busy, where a spinning
+thread burns the time slice a descheduled one needs (``benchmarks/busy_machine.py``).
+Nothing is set at import. :func:`openmp_settings` reads what libgomp runs with.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import time
 
 # Readings closer than this are not compared (the kernel counts in 10 ms ticks).
 _MIN_INTERVAL_S = 0.05
+# Readings further apart than this are not compared either: an average over a long past
+# (a server's idle minutes) is not the load now; the runnable threads are counted instead.
+_STALE_S = 1.0
 
 
 def available_cores() -> int:
@@ -54,7 +59,7 @@ class CpuLoad:
             now = self._read()
             if now is None:
                 return 0.0
-            if self._last is None:
+            if self._last is None or now[0] - self._last[0] >= _STALE_S:
                 self._others = self._instant()
                 self._last = now
             elif now[0] - self._last[0] >= _MIN_INTERVAL_S:
@@ -99,14 +104,107 @@ class CpuLoad:
         return float(max(0, running - mine))
 
 
+class ShortSpin:
+    """libgomp's short spin for this process's OpenMP threads, held while other programs
+    keep the cores busy.
+
+    libgomp lets a waiting thread spin ``GOMP_SPINCOUNT`` turns (300,000 by default)
+    before it sleeps, but only 100 while the process has more OpenMP threads than CPUs
+    (libgomp's manual, GOMP_SPINCOUNT; ``do_spin`` in ``config/linux/wait.h``). Held, a
+    parked thread owns a team of ``cores + 1`` OpenMP threads asleep on a futex: they cost
+    no CPU, but libgomp counts them, so every barrier in the process waits passively, as
+    with ``GOMP_SPINCOUNT=0``. Released, the parked thread ends, libgomp frees its team
+    and the default spin, which an idle machine's decode needs, is back. The environment
+    is read once, when libgomp loads; this is the only switch it has at run time.
+    """
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = cores
+        self._lock = threading.Lock()
+        self._stop: threading.Event | None = None
+        self._busy_at = 0.0
+
+    @property
+    def held(self) -> bool:
+        """True while the short spin is held."""
+        return self._stop is not None
+
+    def follow(self, busy: bool, settle_s: float = 2.0) -> bool:
+        """Hold the short spin while ``busy``; release it once the last busy reading is
+        ``settle_s`` old (a passing lull does not start and end teams back and forth, and
+        the first reading after a long pause releases at once). Returns ``held``."""
+        with self._lock:
+            now = time.monotonic()
+            if busy:
+                self._busy_at = now
+                if self._stop is None:
+                    self._stop = _park_team((self.cores or available_cores()) + 1)
+            elif self._stop is not None and now - self._busy_at >= settle_s:
+                self._release()
+            return self._stop is not None
+
+    def release(self) -> None:
+        """Back to libgomp's own spin at once."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+
+
+def _park_team(n_threads: int) -> threading.Event | None:
+    """Start a daemon thread that opens an OpenMP team of ``n_threads`` (each runs
+    ``free(NULL)``, nothing) and waits; setting the returned event ends it and its team.
+    None when no libgomp is loaded in this process."""
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 4))
+        parallel = gomp.GOMP_parallel
+        nothing = ctypes.cast(ctypes.CDLL(None).free, ctypes.c_void_p)
+    except (OSError, AttributeError):
+        return None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    stop, started = threading.Event(), threading.Event()
+
+    def park() -> None:
+        parallel(nothing, None, n_threads, 0)  # the team stays in this thread's pool
+        started.set()
+        stop.wait()  # on exit libgomp frees the pool, and uncounts its threads
+
+    threading.Thread(target=park, name="vlmduo-short-spin", daemon=True).start()
+    started.wait(timeout=5.0)
+    return stop
+
+
 _load = CpuLoad()
+_spin = ShortSpin()
+# Other programs' cores' worth of CPU time from which the machine counts as busy.
+_BUSY_CORES = 0.5
+
+
+def waits() -> str:
+    """How libgomp's waiting threads wait now: ``"short spin"`` while the machine counts
+    as busy (:class:`ShortSpin` held), else ``"default"`` (libgomp's own settings)."""
+    return "short spin" if _spin.held else "default"
+
+
+def is_busy(others: float) -> bool:
+    """Whether other programs' ``others`` cores' worth of CPU time makes the machine busy
+    (libgomp's short spin held)."""
+    return others >= _BUSY_CORES
 
 
 def fit(share: int, cores: int | None = None, load: CpuLoad | None = None) -> int:
     """Threads for a context allowed ``share`` of the ``cores``: its share of what other
-    processes leave free, rounded, at least one."""
+    processes leave free, rounded, at least one. With the process's own reading (no
+    ``load`` given) it also holds libgomp's short spin while the machine is busy."""
     cores = cores or available_cores()
-    free = max(0.0, cores - (load or _load).others())
+    others = (load or _load).others()
+    if load is None:
+        _spin.follow(is_busy(others))
+    free = max(0.0, cores - others)
     return max(1, min(share, int(free * min(share, cores) / cores + 0.5)))
 
 
