@@ -45,9 +45,26 @@ def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, monkeypat
     clock[0] += 0.5
     _fake_proc(tmp_path, busy_ticks=1000 + tick, own_ticks=300 + tick // 4)
     assert load.others() == pytest.approx(1.5, abs=0.02)
-    clock[0] += 0.01  # too soon to compare (the kernel counts in ticks): the last estimate
+    clock[0] += 0.01  # too soon after the last: still compared with the first, 0.51 s ago
+    _fake_proc(tmp_path, busy_ticks=1000 + tick, own_ticks=300 + tick // 4)
+    assert load.others() == pytest.approx(0.75 / 0.51, abs=0.02)
+    clock[0] += 0.69  # the first reading is 1.2 s old: the window starts at the second
     _fake_proc(tmp_path, busy_ticks=1000 + 2 * tick, own_ticks=300 + tick // 4)
-    assert load.others() == pytest.approx(1.5, abs=0.02)
+    assert load.others() == pytest.approx(1.0 / 0.7, abs=0.02)
+
+
+def test_the_load_is_not_read_off_a_window_shorter_than_the_kernels_ticks(tmp_path, monkeypatch):
+    # 100 ms after the first reading one tick more of all CPUs' time (10 ms) would read
+    # as a tenth of a core, whatever ran: the first estimate stands until 0.3 s have passed.
+    tick = os.sysconf("SC_CLK_TCK")
+    clock = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    _fake_proc(tmp_path, busy_ticks=1000, own_ticks=300, running=1, own_running=1)
+    load = threads.CpuLoad(str(tmp_path))
+    assert load.others() == 0.0
+    clock[0] += 0.1
+    _fake_proc(tmp_path, busy_ticks=1000 + tick // 10 * 6, own_ticks=300)
+    assert load.others() == 0.0
 
 
 def test_a_reading_long_after_the_last_counts_runnable_threads(tmp_path, monkeypatch):

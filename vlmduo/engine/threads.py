@@ -9,9 +9,9 @@ context asks :func:`fit` how many threads to use: its share of the cores, scaled
 share other processes leave free, at least one. One thread has no barrier to wait at.
 
 The load comes from the kernel's accounting (Linux ``/proc``): the CPU time every process
-spent between two readings, minus this process's own, over the wall time between them;
-the first reading, with nothing to compare, and one long after the last, count the
-other runnable threads instead.
+spent over the last second, minus this process's own, over that wall time; the first
+reading, with nothing to compare, and one long after the last, count the other runnable
+threads instead.
 Where ``/proc`` is absent the configured threads are used as they are.
 
 libgomp's waiting follows the load too (:class:`ShortSpin`): its default spin
@@ -23,17 +23,21 @@ Nothing is set at import. :func:`openmp_settings` reads what libgomp runs with.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import re
 import threading
 import time
 
-# Readings closer than this are not compared (the kernel counts in 10 ms ticks).
-_MIN_INTERVAL_S = 0.05
-# Readings further apart than this are not compared either: an average over a long past
-# (a server's idle minutes) is not the load now; the runnable threads are counted instead.
+# The load is the CPU time used since a reading at least this old (tick noise over a
+# shorter time reads as load) ...
+_WINDOW_S = 0.3
+# ... and at most this old: an average over a long past (a server's idle minutes) is not
+# the load now; with no reading that recent the runnable threads are counted instead.
 _STALE_S = 1.0
+# Readings kept at most this often.
+_MIN_INTERVAL_S = 0.05
 
 
 def available_cores() -> int:
@@ -45,28 +49,35 @@ def available_cores() -> int:
 
 
 class CpuLoad:
-    """The cores other processes keep busy, re-read at most every 50 ms (thread-safe)."""
+    """The cores other processes kept busy over the last second (thread-safe)."""
 
     def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
         self._lock = threading.Lock()
-        self._last: tuple[float, float, float] | None = None  # (wall s, all busy s, own busy s)
+        # Readings of the last second, oldest first: (wall s, all busy s, own busy s).
+        self._history: collections.deque[tuple[float, float, float]] = collections.deque()
         self._others = 0.0
 
     def others(self) -> float:
-        """Cores' worth of CPU time other processes used recently (0.0 when unknown)."""
+        """Cores' worth of CPU time other processes used recently (0.0 when unknown):
+        since the oldest reading of the last second, once that is ``_WINDOW_S`` old (the
+        kernel counts all CPUs in 10 ms ticks and this process's time more finely, so
+        over 50 ms an idle machine can read as half a core busy)."""
         with self._lock:
             now = self._read()
             if now is None:
                 return 0.0
-            if self._last is None or now[0] - self._last[0] >= _STALE_S:
+            history = self._history
+            while history and now[0] - history[0][0] > _STALE_S:
+                history.popleft()
+            if not history:
                 self._others = self._instant()
-                self._last = now
-            elif now[0] - self._last[0] >= _MIN_INTERVAL_S:
-                wall = now[0] - self._last[0]
-                busy = (now[1] - self._last[1]) - (now[2] - self._last[2])
-                self._others = max(0.0, busy / wall)
-                self._last = now
+            elif now[0] - history[0][0] >= _WINDOW_S:
+                base = history[0]
+                busy = (now[1] - base[1]) - (now[2] - base[2])
+                self._others = max(0.0, busy / (now[0] - base[0]))
+            if not history or now[0] - history[-1][0] >= _MIN_INTERVAL_S:
+                history.append(now)
             return self._others
 
     def _read(self) -> tuple[float, float, float] | None:
