@@ -272,6 +272,16 @@ def test_small_agent_takes_every_core_once_the_large_has_answered(sequential):
     assert "solo" not in large.calls
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_large_agent_takes_every_core_once_the_small_is_through(sequential):
+    # A heavy image and a short thought: the small agent finishes stage 1 first.
+    small = ScriptedAgent("small").enqueue(answer="A")
+    large = ScriptedAgent("large").enqueue(answer="A", delays={"answer": 0.3})
+    pipeline.ask(_q(), AskOptions(sequential=sequential), small=small, large=large)
+    assert ("solo" in large.calls) is not sequential
+    assert "solo" not in small.calls
+
+
 def test_widened_threads_are_restored_after_the_duo(agents, image):
     small, large = agents
     before = (small.model.default_context.share, large.context.share)

@@ -42,15 +42,15 @@ def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, monkeypat
     load = threads.CpuLoad(str(tmp_path))
     assert load.others() == 3.0  # first reading: other runnable threads (4 running, 1 ours)
     # 0.5 s later: everything else used 1.5 cores' worth, this process 0.5.
-    clock[0] += 0.5
+    clock[0] += 0.4
     _fake_proc(tmp_path, busy_ticks=1000 + tick, own_ticks=300 + tick // 4)
-    assert load.others() == pytest.approx(1.5, abs=0.02)
-    clock[0] += 0.01  # too soon after the last: still compared with the first, 0.51 s ago
+    assert load.others() == pytest.approx(0.75 / 0.4, abs=0.02)
+    clock[0] += 0.05  # soon after the last: still compared with the first, 0.45 s ago
     _fake_proc(tmp_path, busy_ticks=1000 + tick, own_ticks=300 + tick // 4)
-    assert load.others() == pytest.approx(0.75 / 0.51, abs=0.02)
-    clock[0] += 0.69  # the first reading is 1.2 s old: the window starts at the second
+    assert load.others() == pytest.approx(0.75 / 0.45, abs=0.02)
+    clock[0] += 0.3  # the first reading is 0.75 s old: the window starts at the second's
     _fake_proc(tmp_path, busy_ticks=1000 + 2 * tick, own_ticks=300 + tick // 4)
-    assert load.others() == pytest.approx(1.0 / 0.7, abs=0.02)
+    assert load.others() == pytest.approx(1.0 / 0.35, abs=0.02)
 
 
 def test_the_load_is_not_read_off_a_window_shorter_than_the_kernels_ticks(tmp_path, monkeypatch):

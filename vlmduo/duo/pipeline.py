@@ -278,6 +278,11 @@ class _Duo:
                     self.confident.set()
             small_future = workers.spawn(self._run_small, name="vlmduo-small")
             futures.append(small_future)
+            workers.first_error(futures, until=[large_future, small_future])
+            if not self.sequential and not large_future.done():
+                # The small agent is through stage 1 first (a heavy image, a short
+                # thought): the large one goes on with all the cores.
+                self.large.solo()
             workers.first_error(futures, until=large_future)
             short = large_future.result()
             if _confident(self.options, short):

@@ -44,11 +44,12 @@ def spawn(fn: Callable[..., T], *args: Any, name: str = "vlmduo-worker", **kwarg
     return future
 
 
-def first_error(futures: list[Future[Any]], until: Future[Any] | None = None) -> None:
-    """Wait until ``until`` is done (default: all of ``futures``), raising the first
-    exception any of them raised meanwhile."""
+def first_error(futures: list[Future[Any]], until: Future[Any] | list[Future[Any]] | None = None) -> None:
+    """Wait until ``until`` is done (a list: any of them; default: all of ``futures``),
+    raising the first exception any of them raised meanwhile."""
     pending = set(futures)
-    while pending and not (until is not None and until.done()):
+    watched = [until] if isinstance(until, Future) else until
+    while pending and not (watched is not None and any(f.done() for f in watched)):
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             if future.exception() is not None:

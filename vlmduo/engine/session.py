@@ -306,10 +306,12 @@ class Session:
             first = last_image + 1 if restored else 0
             n_new = sum(_chunk_tokens(chunks, i) for i in range(first, n_chunks))
             self._check_fits(n_new, reserve)
-            self.threads_used["prefill"] = self.context.fit()
             with self.context.abortable(self.cancel):
                 for i in range(first, n_chunks):
                     self._check_cancel()  # between chunks: an image encode is not abortable
+                    # The other agent may have finished meanwhile (a wider share), or
+                    # other programs started: an image encode takes long.
+                    self.threads_used["prefill"] = self.context.fit()
                     self._eval_chunk(mtmd.mtmd_input_chunks_get(chunks, i))
                     if keep is not None and i == last_image:
                         cache, key, after = keep

@@ -9,7 +9,7 @@ context asks :func:`fit` how many threads to use: its share of the cores, scaled
 share other processes leave free, at least one. One thread has no barrier to wait at.
 
 The load comes from the kernel's accounting (Linux ``/proc``): the CPU time every process
-spent over the last second, minus this process's own, over that wall time; the first
+spent over the last half second, minus this process's own, over that wall time; the first
 reading, with nothing to compare, and one long after the last, count the other runnable
 threads instead.
 Where ``/proc`` is absent the configured threads are used as they are.
@@ -33,9 +33,10 @@ import time
 # The load is the CPU time used since a reading at least this old (tick noise over a
 # shorter time reads as load) ...
 _WINDOW_S = 0.3
-# ... and at most this old: an average over a long past (a server's idle minutes) is not
-# the load now; with no reading that recent the runnable threads are counted instead.
-_STALE_S = 1.0
+# ... and at most this old: an average over a longer past (a server's idle minutes, the
+# start of the client that sent it the request) is not the load now; with no reading
+# that recent the runnable threads are counted instead.
+_STALE_S = 0.5
 # Readings kept at most this often.
 _MIN_INTERVAL_S = 0.05
 
@@ -49,18 +50,18 @@ def available_cores() -> int:
 
 
 class CpuLoad:
-    """The cores other processes kept busy over the last second (thread-safe)."""
+    """The cores other processes kept busy over the last half second (thread-safe)."""
 
     def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
         self._lock = threading.Lock()
-        # Readings of the last second, oldest first: (wall s, all busy s, own busy s).
+        # Recent readings, oldest first: (wall s, all busy s, own busy s).
         self._history: collections.deque[tuple[float, float, float]] = collections.deque()
         self._others = 0.0
 
     def others(self) -> float:
         """Cores' worth of CPU time other processes used recently (0.0 when unknown):
-        since the oldest reading of the last second, once that is ``_WINDOW_S`` old (the
+        since the oldest reading of the last half second, once that is ``_WINDOW_S`` old (the
         kernel counts all CPUs in 10 ms ticks and this process's time more finely, so
         over 50 ms an idle machine can read as half a core busy)."""
         with self._lock:
