@@ -282,6 +282,51 @@ def test_large_agent_takes_every_core_once_the_small_is_through(sequential):
     assert "solo" not in small.calls
 
 
+class _ThreadRecorder(ScriptedAgent):
+    """A scripted agent that notes which OS thread ran each of its steps (the kernel's
+    thread id: a Python ident can be reused by the next thread)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.threads: dict[str, int] = {}
+
+    def reason(self, *args, **kwargs):
+        self.threads["reason"] = threading.get_native_id()
+        return super().reason(*args, **kwargs)
+
+    def answer_short(self, *args, **kwargs):
+        self.threads["answer_short"] = threading.get_native_id()
+        return super().answer_short(*args, **kwargs)
+
+    def transfer(self, *args, **kwargs):
+        self.threads["transfer"] = threading.get_native_id()
+        return super().transfer(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("sequential", "small_delay", "large_delay", "transfer_on"),
+    [
+        (False, 0.3, 0.0, "small"),  # the small agent finishes last: its thread goes on
+        (False, 0.0, 0.3, "large"),  # the large one finishes last
+        (True, 0.0, 0.0, "large"),  # sequential: one thread for all of it
+    ],
+)
+def test_the_transfer_runs_on_the_thread_that_finished_stage_1_last(
+    sequential, small_delay, large_delay, transfer_on
+):
+    # The OpenMP team of the thread that ran last is the one still awake; a new thread
+    # would start a new team beside its spinning threads.
+    small = _ThreadRecorder("small").enqueue(answer="A", delays={"reason": small_delay})
+    large = _ThreadRecorder("large").enqueue(answer="B", delays={"answer": large_delay})
+    large.enqueue(answer="A")  # the answer after the transfer
+    options = AskOptions(sequential=sequential, policy="always")
+    pipeline.ask(_q(), options, small=small, large=large)
+    stage1 = {"small": small.threads["reason"], "large": large.threads["answer_short"]}
+    assert large.threads["transfer"] == stage1[transfer_on]
+    assert (stage1["small"] == stage1["large"]) is sequential  # negative control
+    assert threading.get_native_id() not in stage1.values()  # off the main thread (Ctrl-C)
+
+
 def test_widened_threads_are_restored_after_the_duo(agents, image):
     small, large = agents
     before = (small.model.default_context.share, large.context.share)

@@ -233,15 +233,19 @@ class _Duo:
 
     def run(self) -> AskResult:
         start = time.perf_counter()
-        with contextlib.ExitStack() as scoped:
-            pairs = ((self.small, self.large), (self.large, self.small))
-            for agent, other in pairs:  # restored on leaving, also after an error
-                # A local agent beside a remote one has the cores to itself.
-                alone = self.sequential or getattr(other, "is_remote", False)
-                scoped.enter_context(agent.stage1_threads(alone))
-            short, small_result = self._stage1()
-        timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
-        route, answer, transferred = self._decide(short, small_result, timings)
+        # Stage 1 runs on one lane (sequential) or two; the transfer goes on the lane that
+        # finished last, whose OpenMP team is the one still awake.
+        with workers.Lane("vlmduo-large") as large_lane, workers.Lane("vlmduo-small") as small_lane:
+            self._lanes = (large_lane, large_lane if self.sequential else small_lane)
+            with contextlib.ExitStack() as scoped:
+                pairs = ((self.small, self.large), (self.large, self.small))
+                for agent, other in pairs:  # restored on leaving, also after an error
+                    # A local agent beside a remote one has the cores to itself.
+                    alone = self.sequential or getattr(other, "is_remote", False)
+                    scoped.enter_context(agent.stage1_threads(alone))
+                short, small_result = self._stage1()
+            timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
+            route, answer, transferred = self._decide(short, small_result, timings)
         wall = (time.perf_counter() - start) * 1000.0
         load = sum(self.load_ms.get(a.name, 0.0) for a in (self.small, self.large))
         timings["total"] = round(wall + load, 3)
@@ -270,19 +274,24 @@ class _Duo:
         try:
             # Sequential runs the large agent first: the confidence policy can then
             # skip the small one entirely, as it would cancel it when concurrent.
-            large_future = workers.spawn(self._run_large, name="vlmduo-large")
+            large_lane, small_lane = self._lanes
+            large_future = large_lane.submit(self._run_large)
             futures.append(large_future)
             if self.sequential:
                 workers.first_error(futures)
                 if _confident(self.options, large_future.result()):
                     self.confident.set()
-            small_future = workers.spawn(self._run_small, name="vlmduo-small")
+            small_future = small_lane.submit(self._run_small)
             futures.append(small_future)
             workers.first_error(futures, until=[large_future, small_future])
             if not self.sequential and not large_future.done():
                 # The small agent is through stage 1 first (a heavy image, a short
-                # thought): the large one goes on with all the cores.
+                # thought): the large one goes on with all the cores, and the
+                # transfer after it on its lane.
                 self.large.solo()
+                self._last_lane = large_lane
+            else:
+                self._last_lane = small_lane
             workers.first_error(futures, until=large_future)
             short = large_future.result()
             if _confident(self.options, short):
@@ -359,7 +368,7 @@ class _Duo:
             truncated=bool(small_result.reasoning_truncated),
         )
         timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
-        work = workers.spawn(
+        work = self._last_lane.submit(
             self.large.transfer, short, self.question, chosen.text, self.sampling, progress=self.progress
         )
         done = _wait(work, self.cancel)
