@@ -18,12 +18,13 @@ answer decode), a duo ask with policy ``confidence`` at threshold 0 (the large a
 ends it: the small agent's cancel), whole asks of modes small, large and large-think,
 concurrent and sequential duo, and a thin C-API loop decoding on the large model with
 the same threads (llama_sampler_sample + llama_decode, nothing else). Settings, loads
-and repetitions are interleaved; medians of ``--reps`` (at least 3). ``--serve`` also
+and repetitions are interleaved; medians of ``--reps`` child processes (at least 3), each
+the median of its ``--inner`` runs. ``--serve`` also
 starts ``vlmduo serve`` (in each setting) and times requests that alternate between duo,
 small and large, idle and busy.
 
-    python benchmarks/busy_machine.py                     # 3 repetitions
-    python benchmarks/busy_machine.py --reps 5 --serve
+    python benchmarks/busy_machine.py                     # 3 processes x 3 runs
+    python benchmarks/busy_machine.py --reps 3 --inner 3 --serve
 """
 
 from __future__ import annotations
@@ -76,8 +77,19 @@ QUESTION = "Which shape is shown? A. circle B. square C. triangle"
 BUDGET, TRANSFER = 64, 24
 
 
-def child(n_threads: int) -> dict[str, float]:
-    """One setting's measurements (the environment is the setting's)."""
+def child(n_threads: int, inner: int) -> dict[str, float]:
+    """One setting's measurements (the environment is the setting's): each the median of
+    ``inner`` runs of the sequence in this process (a stage of a few ms can lose a 10 ms
+    time slice to the busy processes once)."""
+    runs = [_sequence(n_threads) for _ in range(inner)] if inner > 1 else [_sequence(n_threads)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+_AGENTS: dict[int, tuple] = {}
+
+
+def _sequence(n_threads: int) -> dict[str, float]:
+    """Every measurement once, on the pair loaded once per process."""
     from vlmduo import api
     from vlmduo.duo.pipeline import AskOptions
     from vlmduo.engine.settings import EngineSettings
@@ -89,8 +101,12 @@ def child(n_threads: int) -> dict[str, float]:
         synthetic.ensure_built("busy-small", SMALL),
         synthetic.ensure_built("busy-large", LARGE),
     )
-    small, _ = api.load_agent(str(small_files[0]), small_files[1], settings, role="small")
-    large, _ = api.load_agent(str(large_files[0]), large_files[1], settings, role="large")
+    if n_threads not in _AGENTS:
+        _AGENTS[n_threads] = (
+            api.load_agent(str(small_files[0]), small_files[1], settings, role="small")[0],
+            api.load_agent(str(large_files[0]), large_files[1], settings, role="large")[0],
+        )
+    small, large = _AGENTS[n_threads]
     image = synthetic_image(224, 224, seed=3)
     out: dict[str, float] = {}
 
@@ -146,14 +162,14 @@ def thin_decode(agent: object, n: int) -> float:
     return (time.perf_counter() - start) * 1000.0 / n
 
 
-def run_child(setting: str, n_threads: int) -> dict[str, float]:
+def run_child(setting: str, n_threads: int, inner: int) -> dict[str, float]:
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "VLMDUO_FIXED_THREADS")
     }
     env.update(SETTINGS[setting])
-    cmd = [sys.executable, __file__, "--child", str(n_threads)]
+    cmd = [sys.executable, __file__, "--child", str(n_threads), "--inner", str(inner)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode:
         raise SystemExit(f"{setting} {n_threads}t failed:\n{done.stderr[-3000:]}")
@@ -271,10 +287,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--serve", action="store_true", help="also time a vlmduo serve under load")
+    parser.add_argument("--inner", type=int, default=3, help="runs per child process (median)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.inner)))
         return
     names = list(SETTINGS)
     results: dict[tuple[str, str, int], dict[str, list[float]]] = {}
@@ -284,12 +301,12 @@ def main() -> None:
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for setting in order:
                     for n in args.threads:
-                        for key, value in run_child(setting, n).items():
+                        for key, value in run_child(setting, n, args.inner).items():
                             results.setdefault((setting, load, n), {}).setdefault(key, []).append(value)
         if args.serve:
             for load in ("idle", "busy"):
                 for setting in names[rep % len(names) :] + names[: rep % len(names)]:
-                    for key, values in serve_runs(setting, load == "busy", 6).items():
+                    for key, values in serve_runs(setting, load == "busy", 9).items():
                         results.setdefault((setting, load, 2), {}).setdefault(key, []).extend(values)
         print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
     report(results, args.threads, args.reps)
@@ -298,7 +315,8 @@ def main() -> None:
 def report(results: dict, thread_counts: list[int], reps: int) -> None:
     cores = os.cpu_count()
     names = list(SETTINGS)
-    print(f"busy_machine: {cores} cores; busy = one 'while True: pass' process per core; medians of {reps}")
+    print(f"busy_machine: {cores} cores; busy = one 'while True: pass' process per core")
+    print(f"medians of {reps} child processes, each the median of its runs (--inner)")
     keys = sorted({k for d in results.values() for k in d if not k.startswith("warm-up")})
     for load in ("idle", "busy"):
         for n in thread_counts:
