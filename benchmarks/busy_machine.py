@@ -336,6 +336,19 @@ def report(results: dict, thread_counts: list[int], reps: int) -> None:
                 transfer = ours["duo transfer prefill"] + ours["duo answer decode"]
                 print(f"  transfer / image encode (vlmduo): {transfer / ours['duo large encode']:.2f}")
                 print(f"  duo / duo --sequential (vlmduo): {ours['duo wall'] / ours['duo seq wall']:.2f}")
+            if n == 1:
+                # One thread runs no OpenMP team: spin-free and before do the same work, so
+                # their ratios show how far this machine moves a figure by itself.
+                same = sorted(
+                    med["spin-free"][k] / med["before"][k]
+                    for k in keys
+                    if k in med["spin-free"] and k in med["before"]
+                )
+                if same:
+                    print(
+                        f"  noise (1 thread: spin-free / before, the same work): "
+                        f"{same[0]:.2f} to {same[-1]:.2f}, median {statistics.median(same):.2f}"
+                    )
 
 
 if __name__ == "__main__":
