@@ -111,6 +111,10 @@ def _threads() -> dict[str, Any]:
     libgomp's waits would be the short spin (``threads.ShortSpin``)."""
     cores, load = threads.available_cores(), threads.CpuLoad()
     settings = threads.openmp_settings() or {}
+    # The first reading can only count runnable threads at one instant (and just after
+    # the self-test, its OpenMP threads still spinning); the second compares CPU time.
+    load.others()
+    time.sleep(threads.WINDOW_S)
     others = load.others()
     return {
         "gomp_spincount": settings.get("GOMP_SPINCOUNT"),

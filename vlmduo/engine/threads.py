@@ -32,7 +32,7 @@ import time
 
 # The load is the CPU time used since a reading at least this old (tick noise over a
 # shorter time reads as load) ...
-_WINDOW_S = 0.3
+WINDOW_S = 0.3
 # ... and at most this old: an average over a longer past (a server's idle minutes, the
 # start of the client that sent it the request) is not the load now; with no reading
 # that recent the runnable threads are counted instead.
@@ -61,7 +61,7 @@ class CpuLoad:
 
     def others(self) -> float:
         """Cores' worth of CPU time other processes used recently (0.0 when unknown):
-        since the oldest reading of the last half second, once that is ``_WINDOW_S`` old (the
+        since the oldest reading of the last half second, once that is ``WINDOW_S`` old (the
         kernel counts all CPUs in 10 ms ticks and this process's time more finely, so
         over 50 ms an idle machine can read as half a core busy)."""
         with self._lock:
@@ -73,7 +73,7 @@ class CpuLoad:
                 history.popleft()
             if not history:
                 self._others = self._instant()
-            elif now[0] - history[0][0] >= _WINDOW_S:
+            elif now[0] - history[0][0] >= WINDOW_S:
                 base = history[0]
                 busy = (now[1] - base[1]) - (now[2] - base[2])
                 self._others = max(0.0, busy / (now[0] - base[0]))
