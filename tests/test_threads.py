@@ -34,14 +34,23 @@ def _fake_proc(root: Path, busy_ticks: int, own_ticks: int, running: int = 1, ow
         (root / "self" / "task" / str(tid) / "stat").write_text(f"{tid} (worker) R 1")
 
 
-def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, monkeypatch):
-    tick = os.sysconf("SC_CLK_TCK")
-    clock = [100.0]
-    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The monotonic clock CpuLoad reads, moved by the test."""
+    now = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: now[0])
+    return now
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, clock):
+    tick = TICK
     _fake_proc(tmp_path, busy_ticks=1000, own_ticks=300, running=4, own_running=1)
     load = threads.CpuLoad(str(tmp_path))
     assert load.others() == 3.0  # first reading: other runnable threads (4 running, 1 ours)
-    # 0.5 s later: everything else used 1.5 cores' worth, this process 0.5.
+    # 0.4 s later: all processes used a core's worth of CPU time, this one a quarter.
     clock[0] += 0.4
     _fake_proc(tmp_path, busy_ticks=1000 + tick, own_ticks=300 + tick // 4)
     assert load.others() == pytest.approx(0.75 / 0.4, abs=0.02)
@@ -53,25 +62,21 @@ def test_cpu_load_is_other_processes_cpu_time_over_wall_time(tmp_path, monkeypat
     assert load.others() == pytest.approx(1.0 / 0.35, abs=0.02)
 
 
-def test_the_load_is_not_read_off_a_window_shorter_than_the_kernels_ticks(tmp_path, monkeypatch):
-    # 100 ms after the first reading one tick more of all CPUs' time (10 ms) would read
-    # as a tenth of a core, whatever ran: the first estimate stands until 0.3 s have passed.
-    tick = os.sysconf("SC_CLK_TCK")
-    clock = [100.0]
-    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+def test_the_load_is_not_read_off_a_window_shorter_than_the_kernels_ticks(tmp_path, clock):
+    # 100 ms after the first reading a few ticks more of all CPUs' time would read as half
+    # a core, whatever ran: the first estimate stands until 0.3 s have passed.
+    tick = TICK
     _fake_proc(tmp_path, busy_ticks=1000, own_ticks=300, running=1, own_running=1)
     load = threads.CpuLoad(str(tmp_path))
     assert load.others() == 0.0
     clock[0] += 0.1
-    _fake_proc(tmp_path, busy_ticks=1000 + tick // 10 * 6, own_ticks=300)
+    _fake_proc(tmp_path, busy_ticks=1000 + tick // 20, own_ticks=300)  # 50 ms in 100
     assert load.others() == 0.0
 
 
-def test_a_reading_long_after_the_last_counts_runnable_threads(tmp_path, monkeypatch):
+def test_a_reading_long_after_the_last_counts_runnable_threads(tmp_path, clock):
     # A server idle for minutes, then asked under load: the average since the last
     # reading would be the idle past; the threads runnable now are the load now.
-    clock = [100.0]
-    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
     _fake_proc(tmp_path, busy_ticks=1000, own_ticks=300, running=1, own_running=1)
     load = threads.CpuLoad(str(tmp_path))
     assert load.others() == 0.0
