@@ -57,9 +57,25 @@ def test_routes_follow_the_policy(policy, small_answer, large_answer, probabilit
     assert ("transfer" in large.calls) == (route == "transfer")
 
 
+class _AnswersOnceTheSmallReasons(ScriptedAgent):
+    """A large agent whose answer waits until the small agent has started reasoning (so
+    there is a running agent to cancel, however the threads are scheduled)."""
+
+    def __init__(self, name: str, small: ScriptedAgent) -> None:
+        super().__init__(name)
+        self.small = small
+
+    def answer_short(self, *args, **kwargs):
+        deadline = time.monotonic() + 30  # a hang guard, not a timing claim
+        while "reason" not in self.small.calls:
+            assert time.monotonic() < deadline, "the small agent never started"
+            time.sleep(0.005)
+        return super().answer_short(*args, **kwargs)
+
+
 def test_confident_answer_cancels_a_slow_small_agent():
     small = ScriptedAgent("small").enqueue(answer="A", delays={"reason": 30.0})
-    large = ScriptedAgent("large").enqueue(answer="B", probability=0.95)
+    large = _AnswersOnceTheSmallReasons("large", small).enqueue(answer="B", probability=0.95)
     start = time.monotonic()
     result = pipeline.ask(_q(), AskOptions(policy="confidence"), small=small, large=large)
     assert result.route == "confident" and result.small.cancelled
