@@ -32,7 +32,9 @@ def test_a_native_thinker_is_asked_for_its_answer_and_thinks_by_itself():
 def test_another_reasoner_is_asked_to_reason_then_give_one_answer_line(fmt):
     q = Question("How many cats? A. 1 B. 2", None, fmt, {"A": "1", "B": "2"} if fmt == "choice" else {})
     text = prompts.reasoning_text(q, thinks_natively=False)
-    assert "Think step by step" in text and '"Answer: X"' in text
+    assert "Think step by step" in text and 'a last line that starts with "Answer:"' in text
+    # No placeholder letter for a small model to copy as its answer.
+    assert " X" not in text and "$" not in text
     # No "only": it would tell the model to answer at once and leave nothing to transfer.
     assert "only" not in text.lower()
     assert prompts.ANSWER_CUE.strip() == "Answer:"  # the cue opens that very line

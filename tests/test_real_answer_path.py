@@ -100,6 +100,7 @@ ARITHMETIC = "What is 2+3?"
 LARGER = "Which option names the larger number? A. 12 B. 7"
 COMPARE = "Is 10 larger than 3?"
 LEGS = "How many legs does a dog have?"
+WHEELS = "How many wheels does a bicycle have?"
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +156,14 @@ def test_a_trained_models_cut_reasoning_transfers_only_finished_steps(smollm2):
     from vlmduo.duo.selection import select_key_reasoning
 
     small, large = smollm2
-    # SmolLM2 reasons at length on this one (three numbered steps): 40 tokens cut it.
-    result = _ask(LEGS, small=small, large=large, policy="always", think_budget=40, transfer_budget=64)
+    # SmolLM2 counts at length on this one ("1. 1\n2. 2\n..."): 24 tokens cut it mid-line.
+    result = _ask(WHEELS, small=small, large=large, policy="always", think_budget=24, transfer_budget=64)
     assert result.small.reasoning_truncated is True
     pieces = result.small.reasoning_pieces
     kept, _ = drop_unfinished(pieces)
     assert "".join(pieces).strip() != "".join(kept).strip()  # the cut left a fragment
     # What was sent is what the selector takes from the finished steps alone.
-    finished = select_key_reasoning(kept, None, LEGS, "steps", 64, large.count_tokens)
+    finished = select_key_reasoning(kept, None, WHEELS, "steps", 64, large.count_tokens)
     assert result.transferred["text"] == finished.text != ""
     assert result.answer is not None
 

@@ -50,8 +50,11 @@ def reasoning_instruction(fmt: str, options: dict[str, str] | None = None) -> st
         slot = f"the option's letter ({formats.listed_letters(options)})"
     else:
         slot = _ANSWER_SLOT[fmt]
-    line = f'"{ANSWER_LINE} X"'
-    return f"Think step by step, then end with one last line of the form {line}, where X is {slot}."
+    # No placeholder ("Answer: X"): a small model copies it (SmolLM2-135M answered "X"
+    # after reasoning "The capital of France is Paris"; benchmarks/answer_path.py).
+    return (
+        f'Think step by step, then end with a last line that starts with "{ANSWER_LINE}" followed by {slot}.'
+    )
 
 
 def reasoning_text(question: Question, thinks_natively: bool) -> str:
