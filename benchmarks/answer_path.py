@@ -78,7 +78,9 @@ def child(tree: str, pairs: dict[str, dict[str, str]], budget: int, temperature:
         large, _ = api.load_agent(files["large"], files["large_mmproj"], settings, role="large")
         for question, truth in QUESTIONS:
             for mode in MODES:
-                options = AskOptions(mode=mode, think_budget=budget, temperature=temperature)
+                # Unset, each tree keeps its own default (an older tree takes no None).
+                chosen = {} if temperature is None else {"temperature": temperature}
+                options = AskOptions(mode=mode, think_budget=budget, **chosen)
                 result = api.answer(None, question, options, small=small, large=large)
                 data = result.to_json()
                 data.update(pair=pair_name, question=question, truth=truth)
