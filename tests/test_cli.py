@@ -187,12 +187,16 @@ def test_doctor_self_test_on_synthetic_models(isolated_env):
     assert data["versions"]["llama-cpp-python"] != "not installed"
 
 
+OMP = "CPU : AVX2 = 1 | OPENMP = 1 |"
+
+
 @pytest.mark.parametrize(
     ("info", "env", "expected"),
     [
-        ("CPU : AVX2 = 1 | OPENMP = 1 |", {}, "GOMP_SPINCOUNT=300000 (libgomp's default)"),
-        ("CPU : AVX2 = 1 | OPENMP = 1 |", {"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE (yours)"),
-        ("CPU : AVX2 = 1 | OPENMP = 1 |", {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=1000 (yours)"),
+        (OMP, {}, "GOMP_SPINCOUNT=300000 (libgomp's default, 100 while busy)"),
+        (OMP, {"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE (yours)"),
+        (OMP, {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=1000 (yours, 100 while busy)"),
+        (OMP, {"GOMP_SPINCOUNT": "10"}, "GOMP_SPINCOUNT=10 (yours, 10 while busy)"),
         ("CPU : AVX2 = 1 |", {}, "ggml thread pool"),
     ],
 )
@@ -201,6 +205,14 @@ def test_doctor_threading_policy_line(info, env, expected):
 
     line = threading_policy(info, env)
     assert expected in line and "fewer while other programs keep cores busy" in line
+
+
+def test_doctor_threading_policy_line_when_told_to_keep_the_threads():
+    from vlmduo.engine.backend import threading_policy
+
+    line = threading_policy(OMP, {"VLMDUO_FIXED_THREADS": "1"})
+    assert "GOMP_SPINCOUNT=300000 (libgomp's default)" in line and "while busy" not in line
+    assert "whatever the load" in line and "fewer" not in line
 
 
 @pytest.mark.parametrize("mode", ["duo", "large"])

@@ -50,7 +50,10 @@ def threading_policy(
     the threads follow the load (``vlmduo.engine.threads``)."""
     env = os.environ if environ is None else environ
     cores = threads.available_cores()
+    fixed = env.get("VLMDUO_FIXED_THREADS", "") not in ("", "0")
     share = f"up to {cores} threads, fewer while other programs keep cores busy"
+    if fixed:
+        share = f"{cores} threads whatever the load (VLMDUO_FIXED_THREADS)"
     if "OPENMP = 1" not in system_info:
         return f"ggml thread pool (no OpenMP); {share}"
     policy = env.get("OMP_WAIT_POLICY")
@@ -58,4 +61,6 @@ def threading_policy(
         return f"OpenMP: OMP_WAIT_POLICY={policy} (yours); {share}"
     chosen = "yours" if "GOMP_SPINCOUNT" in env else "libgomp's default"
     spin = (settings or {}).get("GOMP_SPINCOUNT") or env.get("GOMP_SPINCOUNT", "300000")
-    return f"OpenMP: GOMP_SPINCOUNT={spin} ({chosen}); {share}"
+    # While busy, libgomp's throttled spin (threads.ShortSpin): 100 turns, or fewer if set so.
+    short = "" if fixed or not spin.isdigit() else f", {min(100, int(spin))} while busy"
+    return f"OpenMP: GOMP_SPINCOUNT={spin} ({chosen}{short}); {share}"
