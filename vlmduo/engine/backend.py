@@ -50,7 +50,7 @@ def threading_policy(
     the threads follow the load (``vlmduo.engine.threads``)."""
     env = os.environ if environ is None else environ
     cores = threads.available_cores()
-    fixed = env.get("VLMDUO_FIXED_THREADS", "") not in ("", "0")
+    fixed = threads.fixed_by_environment(env)
     share = f"up to {cores} threads, fewer while other programs keep cores busy"
     if fixed:
         share = f"{cores} threads whatever the load (VLMDUO_FIXED_THREADS)"

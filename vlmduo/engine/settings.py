@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from vlmduo.engine.threads import available_cores
+from vlmduo.engine.threads import available_cores, fixed_by_environment
 
 
 @dataclass(frozen=True)
@@ -17,9 +16,7 @@ class EngineSettings:
     n_threads: int | None = None  # None: all cores
     # Fewer threads when other programs keep cores busy (vlmduo.engine.threads);
     # VLMDUO_FIXED_THREADS=1 keeps the configured count whatever the load.
-    adapt_threads: bool = field(
-        default_factory=lambda: os.environ.get("VLMDUO_FIXED_THREADS", "") in ("", "0")
-    )
+    adapt_threads: bool = field(default_factory=lambda: not fixed_by_environment())
     n_gpu_layers: int = -1  # -1: every layer when a GPU backend is built in
     verbose: bool = False
     # libmtmd's bounds on one image's tokens (dynamic-resolution projectors

@@ -29,6 +29,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Mapping
 
 # The load is the CPU time used since a reading at least this old (tick noise over a
 # shorter time reads as load) ...
@@ -39,6 +40,12 @@ WINDOW_S = 0.3
 _STALE_S = 0.5
 # Readings kept at most this often.
 _MIN_INTERVAL_S = 0.05
+
+
+def fixed_by_environment(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``VLMDUO_FIXED_THREADS`` (set, not "0") keeps the configured threads
+    whatever the load."""
+    return (os.environ if environ is None else environ).get("VLMDUO_FIXED_THREADS", "") not in ("", "0")
 
 
 def available_cores() -> int:
@@ -152,30 +159,28 @@ class ShortSpin:
                 if self._stop is None:
                     self._stop = _park_team((self.cores or available_cores()) + 1)
             elif self._stop is not None and now - self._busy_at >= settle_s:
-                self._release()
+                self._stop.set()
+                self._stop = None
             return self._stop is not None
 
-    def release(self) -> None:
-        """Back to libgomp's own spin at once."""
-        with self._lock:
-            self._release()
 
-    def _release(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-            self._stop = None
+def _libgomp_function(name: str) -> ctypes._CFuncPtr | None:
+    """``name`` in the libgomp this process has loaded (never loading it); None when
+    there is none (llama.cpp not loaded yet, or built without OpenMP)."""
+    try:
+        return getattr(ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 4)), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def _park_team(n_threads: int) -> threading.Event | None:
     """Start a daemon thread that opens an OpenMP team of ``n_threads`` (each runs
     ``free(NULL)``, nothing) and waits; setting the returned event ends it and its team.
     None when no libgomp is loaded in this process."""
-    try:
-        gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 4))
-        parallel = gomp.GOMP_parallel
-        nothing = ctypes.cast(ctypes.CDLL(None).free, ctypes.c_void_p)
-    except (OSError, AttributeError):
+    parallel = _libgomp_function("GOMP_parallel")
+    if parallel is None:
         return None
+    nothing = ctypes.cast(ctypes.CDLL(None).free, ctypes.c_void_p)
     parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     parallel.restype = None
     stop, started = threading.Event(), threading.Event()
@@ -224,10 +229,8 @@ def openmp_settings() -> dict[str, str] | None:
     """The settings libgomp runs with in this process, as it prints them
     (``omp_display_env``): ``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``, ... None when no
     libgomp is loaded (llama.cpp not loaded yet, or built without OpenMP)."""
-    try:
-        gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 4))
-        display = gomp.omp_display_env
-    except (OSError, AttributeError):
+    display = _libgomp_function("omp_display_env")
+    if display is None:
         return None
     display.argtypes = [ctypes.c_int]
     read, write = os.pipe()
