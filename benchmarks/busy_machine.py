@@ -81,7 +81,7 @@ def child(n_threads: int, inner: int) -> dict[str, float]:
     """One setting's measurements (the environment is the setting's): each the median of
     ``inner`` runs of the sequence in this process (a stage of a few ms can lose a 10 ms
     time slice to the busy processes once)."""
-    runs = [_sequence(n_threads) for _ in range(inner)] if inner > 1 else [_sequence(n_threads)]
+    runs = [_sequence(n_threads) for _ in range(max(1, inner))]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 

@@ -235,17 +235,18 @@ class _Duo:
         start = time.perf_counter()
         # Stage 1 runs on one lane (sequential) or two; the transfer goes on the lane that
         # finished last, whose OpenMP team is the one still awake.
-        with workers.Lane("vlmduo-large") as large_lane, workers.Lane("vlmduo-small") as small_lane:
-            self._lanes = (large_lane, large_lane if self.sequential else small_lane)
+        with contextlib.ExitStack() as lanes:
+            large_lane = lanes.enter_context(workers.Lane("vlmduo-large"))
+            small_lane = large_lane if self.sequential else lanes.enter_context(workers.Lane("vlmduo-small"))
             with contextlib.ExitStack() as scoped:
                 pairs = ((self.small, self.large), (self.large, self.small))
                 for agent, other in pairs:  # restored on leaving, also after an error
                     # A local agent beside a remote one has the cores to itself.
                     alone = self.sequential or getattr(other, "is_remote", False)
                     scoped.enter_context(agent.stage1_threads(alone))
-                short, small_result = self._stage1()
+                short, small_result, last_lane = self._stage1(large_lane, small_lane)
             timings = {"stage1": round((time.perf_counter() - start) * 1000.0, 3)}
-            route, answer, transferred = self._decide(short, small_result, timings)
+            route, answer, transferred = self._decide(short, small_result, timings, last_lane)
         wall = (time.perf_counter() - start) * 1000.0
         load = sum(self.load_ms.get(a.name, 0.0) for a in (self.small, self.large))
         timings["total"] = round(wall + load, 3)
@@ -266,15 +267,16 @@ class _Duo:
             timings_ms=timings,
         )
 
-    def _stage1(self) -> tuple[ShortAnswer, AgentResult]:
-        """Both agents' first answers. The first failure (or Ctrl-C) cancels the other
-        agent and is raised once both have stopped; a confident large answer cancels
-        the small agent (sequential: never starts it)."""
+    def _stage1(
+        self, large_lane: workers.Lane, small_lane: workers.Lane
+    ) -> tuple[ShortAnswer, AgentResult, workers.Lane]:
+        """Both agents' first answers, and the lane that finished last. The first failure
+        (or Ctrl-C) cancels the other agent and is raised once both have stopped; a
+        confident large answer cancels the small agent (sequential: never starts it)."""
         futures: list[Future[Any]] = []
         try:
             # Sequential runs the large agent first: the confidence policy can then
             # skip the small one entirely, as it would cancel it when concurrent.
-            large_lane, small_lane = self._lanes
             large_future = large_lane.submit(self._run_large)
             futures.append(large_future)
             if self.sequential:
@@ -289,9 +291,9 @@ class _Duo:
                 # thought): the large one goes on with all the cores, and the
                 # transfer after it on its lane.
                 self.large.solo()
-                self._last_lane = large_lane
+                last_lane = large_lane
             else:
-                self._last_lane = small_lane
+                last_lane = small_lane
             workers.first_error(futures, until=large_future)
             short = large_future.result()
             if _confident(self.options, short):
@@ -301,7 +303,7 @@ class _Duo:
                 # the small agent reasons on with all of them.
                 self.small.solo()
             workers.first_error(futures)
-            return short, small_future.result()
+            return short, small_future.result(), last_lane
         except BaseException as exc:
             self.cancel.set()
             # Both agents stop at their next token, batch or graph node; after
@@ -341,7 +343,7 @@ class _Duo:
         )
 
     def _decide(
-        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float]
+        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float], lane: workers.Lane
     ) -> tuple[str, str | None, dict[str, Any] | None]:
         """The route, the final answer and what was transferred (None unless transferred)."""
         large_answer = short.result.answer
@@ -352,10 +354,10 @@ class _Duo:
         )
         if self.options.policy != "always" and agree:
             return "agree", large_answer, None
-        return "transfer", *self._transfer(short, small_result, timings)
+        return "transfer", *self._transfer(short, small_result, timings, lane)
 
     def _transfer(
-        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float]
+        self, short: ShortAnswer, small_result: AgentResult, timings: dict[str, float], lane: workers.Lane
     ) -> tuple[str | None, dict[str, Any]]:
         t0 = time.perf_counter()
         chosen = selection.select_key_reasoning(
@@ -368,7 +370,7 @@ class _Duo:
             truncated=bool(small_result.reasoning_truncated),
         )
         timings["select"] = round((time.perf_counter() - t0) * 1000.0, 3)
-        work = self._last_lane.submit(
+        work = lane.submit(
             self.large.transfer, short, self.question, chosen.text, self.sampling, progress=self.progress
         )
         done = _wait(work, self.cancel)
